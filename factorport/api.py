@@ -1,0 +1,138 @@
+"""The Python API; the command line is a thin layer over it.
+
+    import factorport
+    out = factorport.convert(None, recipe="w4-gptq", output="out/w4")   # embedded model
+    model, tokenizer = factorport.load(out)                               # a transformers model
+    factorport.evaluate(out)                                              # perplexity in torch
+
+Data flows one way: load -> calibrate -> convert -> write -> evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import __version__
+from .converters import CalibrationConfig, apply, calibrate, check
+from .errors import FactorportError
+from .formats import manifest, safetensors_dir
+from .formats.safetensors_dir import SUBDIR as SAFETENSORS
+from .formats.safetensors_dir import find_artifact as artifact_dir
+from .loading import load_model
+from .recipe import Recipe, load_recipe
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
+DEFAULT_TEXT = SHARED_DATA / "wiki.test.raw"
+
+
+@contextmanager
+def staged_output(output: Path, force: bool):
+    """Yield a temporary directory beside `output`; on success it becomes
+    `output` (replacing an old one only with `force`); on failure it is removed,
+    so no partial output is ever left."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, trash)
+            os.replace(tmp, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(
+    model: str | None = None,
+    recipe: str | Recipe = "w4-rtn",
+    output: str | Path = "factorport-out",
+    calib: str | Path | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Compress `model` (None: the embedded default) with `recipe` and write
+    OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json."""
+    output = Path(output)
+    if output.exists() and not force:  # fail before any work
+        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    started = time.perf_counter()
+    hf_model, tokenizer, source = load_model(model)
+    check(hf_model, recipe.steps)
+    stats = None
+    if recipe.needs_calibration:
+        config = CalibrationConfig(
+            source=str(calib or DEFAULT_CALIB),
+            samples=samples or recipe.calibration.get("samples", 128),
+            seq_len=seq_len or recipe.calibration.get("seq_len", 512),
+            sink_weight=recipe.calibration.get("sink_weight", CalibrationConfig.sink_weight),
+        )
+        stats = calibrate(hf_model, tokenizer, config, progress=progress)
+    reports = apply(hf_model, recipe.steps, stats, progress=progress)
+    with staged_output(output, force) as tmp:
+        if progress:
+            print(f"factorport: writing {output}")
+        (tmp / SAFETENSORS).mkdir()
+        safetensors_dir.save(hf_model, tokenizer, tmp / SAFETENSORS)
+        (tmp / "report").mkdir()
+        summary = {
+            "recipe": recipe.name,
+            "calibration": None if stats is None else {"source": stats.source, "tokens": stats.tokens, "seconds": round(stats.seconds, 2)},
+            "seconds": round(time.perf_counter() - started, 2),
+            "layers": [r.to_dict() for r in reports],
+        }
+        (tmp / "report" / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
+        manifest.write_manifest(
+            tmp,
+            {
+                "factorport_version": __version__,
+                "source": {"name": source.name, "kind": source.kind, "path": source.path},
+                "recipe": {"name": recipe.name, "text": recipe.text},
+            },
+        )
+    return output
+
+
+def load(path: str | Path):
+    """(model, tokenizer) from a factorport output directory or its safetensors directory."""
+    directory = artifact_dir(path)
+    if directory is None:
+        raise FactorportError(f"{path} is not a factorport artifact (no {SAFETENSORS}/{safetensors_dir.WEIGHTS})")
+    return safetensors_dir.load(directory)
+
+
+def load_any(model_or_dir: str | None):
+    """A factorport artifact if `model_or_dir` is one, else a source model."""
+    if model_or_dir is not None and artifact_dir(model_or_dir) is not None:
+        return load(model_or_dir)
+    model, tokenizer, _ = load_model(model_or_dir)
+    return model, tokenizer
+
+
+def perplexity(model, tokenizer, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
+    from .validators.backends.torch_backend import TorchBackend
+    from .validators.perplexity import perplexity as ppl, text_windows
+
+    ids = text_windows(tokenizer, text or DEFAULT_TEXT, windows, seq_len)
+    return ppl(TorchBackend(model).logits, ids, progress=progress)
+
+
+def evaluate(model_or_dir: str | None = None, text=None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
+    """Perplexity in torch of a model name/path or a factorport artifact."""
+    model, tokenizer = load_any(model_or_dir)
+    return perplexity(model, tokenizer, text, windows, seq_len, progress)

@@ -1,0 +1,114 @@
+"""Per-architecture knowledge, in one table (as Optimum keeps its exporters).
+
+Everything else in factorport asks this table which modules are the linears
+of a decoder layer, which of them read the same input (and so may share a
+low-rank factor), and where the embedding and output projection live.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from .errors import FactorportError
+
+
+class UnsupportedArchitecture(FactorportError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    layers: str  # attribute path of the decoder layer list
+    linears: tuple[str, ...]  # per layer, relative to the layer
+    input_groups: tuple[tuple[str, ...], ...]  # linears of one layer that read the same tensor
+    embed: str
+    lm_head: str
+    qkv_bias: bool
+
+
+_LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def _llama_family(model_type: str, qkv_bias: bool = False) -> ArchSpec:
+    return ArchSpec(
+        model_type=model_type,
+        layers="model.layers",
+        linears=_LLAMA_LINEARS,
+        input_groups=_LLAMA_GROUPS,
+        embed="model.embed_tokens",
+        lm_head="lm_head",
+        qkv_bias=qkv_bias,
+    )
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _llama_family("llama"),
+    "mistral": _llama_family("mistral"),
+    "qwen2": _llama_family("qwen2", qkv_bias=True),
+}
+
+
+def arch_for(config) -> ArchSpec:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitecture(
+            f"architecture '{model_type}' is not supported; supported: {supported}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def layer_count(model, arch: ArchSpec) -> int:
+    return len(model.get_submodule(arch.layers))
+
+
+def linear_names(model, arch: ArchSpec, include_lm_head: bool = True) -> list[str]:
+    """Every compressible linear of the model, in execution order."""
+    names = [
+        f"{arch.layers}.{i}.{rel}" for i in range(layer_count(model, arch)) for rel in arch.linears
+    ]
+    return names + [arch.lm_head] if include_lm_head else names
+
+
+def input_groups(model, arch: ArchSpec) -> list[tuple[str, ...]]:
+    """Linears grouped by the tensor they read, layer by layer; lm_head alone."""
+    groups = [
+        tuple(f"{arch.layers}.{i}.{rel}" for rel in group)
+        for i in range(layer_count(model, arch))
+        for group in arch.input_groups
+    ]
+    return groups + [(arch.lm_head,)]
+
+
+def select(names: list[str], patterns: list[str], arch: ArchSpec) -> list[str]:
+    """Names matching any glob pattern. `linears` means every decoder linear;
+    `lm_head` means the output projection."""
+    chosen = []
+    for name in names:
+        for pattern in patterns:
+            if pattern == "linears":
+                hit = name != arch.lm_head
+            elif pattern == "lm_head":
+                hit = name == arch.lm_head
+            else:
+                hit = fnmatch.fnmatchcase(name, pattern)
+            if hit:
+                chosen.append(name)
+                break
+    return chosen

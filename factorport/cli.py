@@ -1,0 +1,103 @@
+"""The `factorport` command. Every user error is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FactorportError
+
+
+def _convert(args) -> None:
+    from .api import convert
+
+    out = convert(
+        args.model,
+        recipe=args.recipe,
+        output=args.output,
+        calib=args.calib,
+        samples=args.calib_samples,
+        seq_len=args.calib_seq_len,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(f"factorport: wrote {out} (inspect it with 'factorport inspect {out}')")
+
+
+def _eval(args) -> None:
+    from .api import artifact_dir, evaluate
+    from .formats.manifest import read_manifest
+
+    result = {"model": args.model or "embedded default", "windows": args.windows, "seq_len": 512}
+    result["perplexity"] = evaluate(args.model, args.text, args.windows, progress=not args.quiet)
+    print(f"perplexity ({args.model or 'embedded default'}): {result['perplexity']:.4f}")
+    if args.model and artifact_dir(args.model) is not None and not args.no_reference:
+        manifest_dir = Path(args.model)
+        if (manifest_dir / "manifest.json").exists():
+            source = read_manifest(manifest_dir)["source"]
+            reference = None if source["kind"] == "default" else source["path"]
+            result["dense_perplexity"] = evaluate(reference, args.text, args.windows, progress=not args.quiet)
+            result["ratio"] = result["perplexity"] / result["dense_perplexity"]
+            print(f"perplexity (dense {source['name']}): {result['dense_perplexity']:.4f}  ratio {result['ratio']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _inspect(args) -> None:
+    from .formats.summary import format_table, inspect_artifact
+
+    summary = inspect_artifact(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_table(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factorport", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="compress a model with a recipe and write the artifact")
+    p.add_argument("model", nargs="?", help="HF directory, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--recipe", "-r", required=True, help="preset name or recipe YAML path")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--calib", help="calibration text file or datasets id (default: WikiText-2 validation)")
+    p.add_argument("--calib-samples", type=int, help="calibration sequences (default 128)")
+    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("eval", help="perplexity in torch (context 512, stride 512)")
+    p.add_argument("model", nargs="?", help="factorport artifact, HF directory, .gguf or hub id")
+    p.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
+    p.add_argument("--windows", type=int, default=40, help="windows of 512 tokens (default 40)")
+    p.add_argument("--no-reference", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--json", help="write the result as JSON to this file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("inspect", help="per-layer table of a factorport artifact")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except FactorportError as exc:
+        print(f"factorport: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factorport: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`quantize`: replace a dense weight by group-wise integer codes.
+
+* rtn  — round to nearest on the grid of `ops.quant`.
+* gptq — GPTQ (Frantar et al. 2022): quantize one column at a time and push
+         its rounding error onto the columns not yet quantized, weighted by
+         the inverse Hessian H = XᵀX. Group scales are fixed when the
+         quantizer reaches a group's first column (from the error-updated
+         weights), the way the reference implementation does without act-order.
+
+A linear that already has a dense base (or is still a plain nn.Linear) gets
+a quantized base; a factorized linear without base is left alone and said so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from torch import nn
+
+from ..ops import CompressedLinear, QuantizedBase, QuantSpec
+from ..ops.quant import decode, encode, group_params, pack
+from .calibration import CalibrationStats
+from .report import LayerReport, output_error
+from .targets import compressible_linears, replace_linear
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    targets: tuple[str, ...] = ("linears",)
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+    damping: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # GPTQ: columns updated together
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: float, block_size: int) -> QuantizedBase:
+    rows, cols = weight.shape
+    spec.check_fits(cols)
+    w = weight.float().clone()
+    h = xtx.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damping * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    gs = spec.group_size
+    block_size = max(gs, block_size // gs * gs)  # a group never straddles two blocks
+    groups = cols // gs
+    codes = torch.empty(rows, cols, dtype=torch.int32)
+    scale = torch.empty(rows, groups, dtype=torch.float16)
+    minimum = None if spec.symmetric else torch.empty(rows, groups, dtype=torch.float16)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        block = w[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col // gs
+            if col % gs == 0:
+                s, m = group_params(block[:, i : i + gs].unsqueeze(1), spec)
+                scale[:, g] = s[:, 0]
+                if minimum is not None:
+                    minimum[:, g] = m[:, 0]
+            s_g = scale[:, g : g + 1]
+            m_g = None if minimum is None else minimum[:, g : g + 1]
+            column = block[:, i].reshape(rows, 1, 1)
+            q = encode(column, spec, s_g, m_g)
+            codes[:, col] = q.reshape(rows)
+            err = (block[:, i] - decode(q, spec, s_g, m_g).reshape(rows)) / hblock[i, i]
+            block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return QuantizedBase(pack(codes, spec), scale, minimum, spec, cols)
+
+
+def _dense_of(module) -> torch.Tensor | None:
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, CompressedLinear) and module.base is not None and module.base.kind == "dense":
+        return module.base.weight
+    return None
+
+
+def check_quantize(model, config: QuantizeConfig) -> None:
+    for name in compressible_linears(model, config.targets):
+        config.spec.check_fits(model.get_submodule(name).in_features, name)
+
+
+def quantize_(model, config: QuantizeConfig, stats: CalibrationStats | None, progress: bool = True) -> list[LayerReport]:
+    spec = config.spec
+    check_quantize(model, config)  # every width before touching anything
+    names = compressible_linears(model, config.targets)
+    if config.method == "gptq" and stats is None:
+        raise ValueError("quantize method 'gptq' needs calibration statistics")
+    reports = []
+    for name in tqdm(names, desc=f"quantize ({config.method} int{spec.bits})", unit="layer", disable=not progress):
+        module = model.get_submodule(name)
+        weight = _dense_of(module)
+        if weight is None:
+            print(f"factorport: quantize skips {name}: it has no dense base")
+            continue
+        started = time.perf_counter()
+        if config.method == "gptq":
+            base = gptq(weight, stats.xtx(name), spec, config.damping, config.block_size)
+        else:
+            base = QuantizedBase.from_weight(weight, spec)
+        if isinstance(module, CompressedLinear):
+            new = CompressedLinear(module.in_features, module.out_features, base, bias=module.bias)
+            if module.U is not None:
+                new.set_lowrank(module.U, module.V, module.shared_name)
+        else:
+            new = CompressedLinear.from_linear(module, base)
+        err = output_error(weight, base.to_dense(), stats.xtx(name) if stats is not None and stats.has(name) else None)
+        replace_linear(model, name, new)
+        reports.append(LayerReport.compare(name, module, new, err, time.perf_counter() - started, step="quantize"))
+    return reports

