@@ -125,6 +125,8 @@ def _build(config_type, options, where: str):
     values = {}
     for key, value in options.items():
         values[key] = _convert(hints[key], value, f"{where}.{key}")
+        if isinstance(values[key], (int, float)) and not isinstance(values[key], bool) and values[key] < 0:
+            raise FactorportError(f"{where}.{key}: must not be negative, got {value!r}")
         allowed = CHOICES.get(key) or _method_choices(config_type, key)
         if allowed and values[key] not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
@@ -189,4 +191,6 @@ def _rank_policy(value, where: str) -> RankPolicy:
         raise FactorportError(f"{where}.weighting: {value['weighting']!r} is not one of {', '.join(WEIGHTINGS)}")
     if "multiple" in value:
         kwargs["multiple"] = _check_type(value["multiple"], int, f"{where}.multiple")
+        if kwargs["multiple"] < 1:
+            raise FactorportError(f"{where}.multiple: must be at least 1, got {value['multiple']}")
     return RankPolicy(**kwargs)

@@ -128,7 +128,10 @@ def factorize_(model, config: FactorizeConfig, stats: CalibrationStats | None, p
         linear = model.get_submodule(name)
         p, s, right, seconds = spectra.pop(name)
         rank = ranks[name]
-        if rank is None:  # factorizing does not pay: stays dense
+        if rank is None:  # factorizing does not pay: stays dense, and the report says so
+            kept = LayerReport.compare(name, linear, linear, 0.0, seconds, step="factorize")
+            kept.operator = "dense (factorizing does not pay at its allocated rank)"
+            reports.append(kept)
             continue
         started = time.perf_counter()
         dtype = getattr(torch, config.factor_dtype) if config.factor_dtype else linear.weight.dtype

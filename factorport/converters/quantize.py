@@ -118,10 +118,10 @@ def quantize_(model, config: QuantizeConfig, stats: CalibrationStats | None, pro
             base = gptq(weight, stats.xtx(name), spec, config.damping, config.block_size)
         else:
             base = QuantizedBase.from_weight(weight, spec)
-        if isinstance(module, CompressedLinear):
-            new = CompressedLinear(module.in_features, module.out_features, base, bias=module.bias)
-            if module.U is not None:
-                new.set_lowrank(module.U, module.V, module.shared_name)
+        if isinstance(module, CompressedLinear):  # keep its low-rank term, if any
+            new = CompressedLinear(
+                module.in_features, module.out_features, base, module.U, module.V, module.shared_name, module.bias
+            )
         else:
             new = CompressedLinear.from_linear(module, base)
         err = output_error(weight, base.to_dense(), stats.xtx(name) if stats is not None and stats.has(name) else None)

@@ -85,9 +85,12 @@ def allocate(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float 
     if policy.energy is not None:
         ranks = {}
         for c in candidates:
-            cumulative = torch.cumsum(c.energy, 0) / c.energy.sum().clamp_min(1e-30)
-            rank = int(torch.searchsorted(cumulative, torch.tensor(policy.energy, dtype=cumulative.dtype))) + 1
-            ranks[c.name] = _round(c, rank, policy.multiple)
+            energy = c.energy.double()
+            cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(1e-30)
+            rank = int(torch.searchsorted(cumulative, torch.tensor(policy.energy, dtype=torch.float64) - 1e-12)) + 1
+            rank = c.max_rank if policy.energy >= 1.0 else _round(c, rank, policy.multiple)
+            # a factorization as large as the dense matrix does not pay: keep it dense
+            ranks[c.name] = None if rank * c.unit(False) >= c.dense_params else rank
         return ranks
     return _budget(candidates, policy, fixed_cost)
 

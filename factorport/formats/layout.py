@@ -122,15 +122,19 @@ def rebuild(model, meta: dict, tensors: dict) -> None:
         out_f, in_f = entry["out_features"], entry["in_features"]
         base = None if entry["base"] is None else _build_base(entry["base"], tensors, f"{name}.base", out_f, in_f)
         bias = _take(tensors, f"{name}.bias") if entry["bias"] else None
-        module = CompressedLinear(in_f, out_f, base, bias=bias)
+        u = projection = shared = None
         low = entry["lowrank"]
         if low is not None:
             u = _expect(_take(tensors, f"{name}.U"), (out_f, low["rank"]), f"{name}.U")
-            if low["shared"] is None:
+            shared = low["shared"]
+            if shared is None:
                 v = _expect(_take(tensors, f"{name}.projection.V"), (low["rank"], in_f), f"{name}.projection.V")
-                module.set_lowrank(u, Projection(v))
+                projection = Projection(v)
+            elif shared in projections:
+                projection = projections[shared]
             else:
-                module.set_lowrank(u, projections[low["shared"]], low["shared"])
+                raise FactorportError(f"{name} refers to shared projection '{shared}', which the layout does not list")
+        module = CompressedLinear(in_f, out_f, base, u, projection, shared, bias=bias)
         model.set_submodule(name, module)
     if meta.get("tied_embeddings"):
         old = model.get_input_embeddings()

@@ -7,6 +7,8 @@ the same Projection, which then computes `V · x` once per input tensor.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -23,16 +25,16 @@ class Projection(nn.Module):
     """V (rank, in_features) of a low-rank term, private or shared by a group.
 
     A shared projection is registered once in the model (at `name`); members
-    only hold a reference. `forward` remembers its last input and output, so
-    the members of a group that are all called on the same tensor cost one
-    matmul; `calls` counts the matmuls actually done.
+    only hold a reference. `forward` remembers (weakly) its last input and its
+    output, so the members of a group that are all called on the same tensor
+    cost one matmul; `calls` counts the matmuls actually done.
     """
 
     def __init__(self, v: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("V", v)
         self.calls = 0
-        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -41,16 +43,13 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self._last
         version = _version(x)
-        if last is not None and last[0] is x and last[1] == version:
+        if last is not None and last[0]() is x and last[1] == version:
             return last[2]
         z = x.float() @ self.V.float().T
         self.calls += 1
-        self._last = (x, version, z)
+        # A weak reference: the input is not kept alive, only the (small) result.
+        self._last = (weakref.ref(x), version, z)
         return z
-
-    def forget(self) -> None:
-        """Drop the remembered input/output (frees memory after a forward)."""
-        self._last = None
 
 
 class CompressedLinear(nn.Module):

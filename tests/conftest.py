@@ -1,0 +1,136 @@
+"""Shared fixtures for the fast unit tests: tiny random Llama-family models
+(hidden 64, ffn 128, 2 layers, 4 heads / 2 kv heads, vocab 128) and
+hand-made calibration statistics. Nothing here touches the network or the
+real SmolLM2 sample."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from factorport.architectures import arch_for, input_groups, linear_names
+from factorport.converters.calibration import CalibrationStats
+
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+
+
+def _build(arch: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**TINY, tie_word_embeddings=True)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**TINY, tie_word_embeddings=False, sliding_window=None)
+        cls = transformers.MistralForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=False)
+        cls = transformers.Qwen2ForCausalLM
+    else:  # pragma: no cover
+        raise ValueError(arch)
+    model = cls(config).eval()
+    if arch == "qwen2":  # HF initializes biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    assert proj.bias is not None
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture
+def make_model():
+    """Factory: make_model('llama' | 'mistral' | 'qwen2', seed=0) -> a fresh tiny model."""
+    return _build
+
+
+@pytest.fixture
+def llama():
+    return _build("llama")
+
+
+@pytest.fixture
+def mistral():
+    return _build("mistral")
+
+
+@pytest.fixture
+def qwen2():
+    return _build("qwen2")
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=g)
+
+
+def correlated_activations(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Activations with strongly correlated channels and uneven scales
+    (so that XᵀX is far from a multiple of the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim // 4, generator=g)
+    mix = torch.randn(dim // 4, dim, generator=g)
+    noise = 0.05 * torch.randn(n, dim, generator=g)
+    scales = torch.logspace(-1, 1, dim)[torch.randperm(dim, generator=g)]
+    return ((z @ mix + noise) * scales).double()
+
+
+def make_stats(model, tokens: int = 256, seed: int = 0) -> CalibrationStats:
+    """CalibrationStats built by hand from random correlated activations, keyed
+    like `calibrate` keys them (the first linear of each input group)."""
+    arch = arch_for(model.config)
+    present = set(linear_names(model, arch))
+    grams, key_of = {}, {}
+    for i, group in enumerate(input_groups(model, arch)):
+        group = [n for n in group if n in present]
+        key = group[0]
+        for name in group:
+            key_of[name] = key
+        width = model.get_submodule(key).in_features
+        x = correlated_activations(tokens, width, seed=seed * 1000 + i)
+        grams[key] = x.T @ x
+    return CalibrationStats(grams=grams, key_of=key_of, tokens=tokens, source="random")
+
+
+@pytest.fixture
+def stats_for():
+    """Factory: stats_for(model) -> hand-made CalibrationStats."""
+    return make_stats
+
+
+class ByteTokenizer:
+    """The minimum `calibrate` needs: bytes of the text modulo the vocabulary."""
+
+    def __init__(self, vocab_size: int = TINY["vocab_size"]) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b % self.vocab_size for b in text.encode("utf-8")]}
+
+
+@pytest.fixture
+def byte_tokenizer():
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n")
+    return path
