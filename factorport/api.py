@@ -80,7 +80,6 @@ def convert(
             source=str(calib or DEFAULT_CALIB),
             samples=samples or recipe.calibration.get("samples", 128),
             seq_len=seq_len or recipe.calibration.get("seq_len", 512),
-            sink_weight=recipe.calibration.get("sink_weight", CalibrationConfig.sink_weight),
         )
         stats = calibrate(hf_model, tokenizer, config, progress=progress)
     reports = apply(hf_model, recipe.steps, stats, progress=progress)

@@ -35,7 +35,7 @@ CHOICES = {
     "factor_dtype": (None, "float32", "float16", "bfloat16"),
 }
 TOP_LEVEL = ("name", "description", "calibration", "steps")
-CALIBRATION_KEYS = {"samples": int, "seq_len": int, "sink_weight": float}
+CALIBRATION_KEYS = {"samples": int, "seq_len": int}
 
 
 @dataclass

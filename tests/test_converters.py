@@ -57,7 +57,7 @@ def test_calibrate_collects_gram_per_input_group(llama, byte_tokenizer, calib_te
 
     watch = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
     handles = [llama.get_submodule(n).register_forward_pre_hook(grab(n)) for n in watch]
-    config = CalibrationConfig(source=str(calib_text), samples=3, seq_len=16, sink_weight=4.0)
+    config = CalibrationConfig(source=str(calib_text), samples=3, seq_len=16)
     try:
         stats = calibrate(llama, byte_tokenizer, config, progress=False)
     finally:
@@ -77,13 +77,17 @@ def test_calibrate_collects_gram_per_input_group(llama, byte_tokenizer, calib_te
         xs = captured[name]
         assert len(xs) == 3
         ref = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], dtype=torch.float64)
+        sinks = torch.zeros_like(ref)
         for h in xs:
             x = h.reshape(-1, h.shape[-1]).double()
             sink = h[:, 0].double()
-            ref += x.T @ x + 3.0 * sink.T @ sink  # first token weighted sink_weight=4 times
+            ref += x.T @ x
+            sinks += sink.T @ sink
         g = stats.grams[name]
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4)
+        # the first token of every sequence, weighted 4 times on request
+        torch.testing.assert_close(stats.xtx(name, sink_weight=4.0), ref + 3.0 * sinks, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats.channel_norms(name), ref.diagonal().sqrt(), rtol=1e-4, atol=1e-4)
 
 

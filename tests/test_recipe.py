@@ -68,7 +68,7 @@ def test_full_recipe_fields():
         """
         name: mixed
         description: both steps
-        calibration: {samples: 4, seq_len: 64, sink_weight: 8}
+        calibration: {samples: 4, seq_len: 64}
         steps:
           - factorize:
               targets: "model.layers.*.mlp.*"
@@ -76,17 +76,16 @@ def test_full_recipe_fields():
               asvd_alpha: 1
               factor_dtype: float16
               ranks: {energy: 0.95, multiple: 8, weighting: absolute}
-          - quantize: {method: gptq, bits: 4, group_size: 32, symmetric: false, damping: 0.05}
+          - quantize: {method: gptq, bits: 4, group_size: 32, symmetric: false, damping: 0.05, sink_weight: 8}
         """
     )
     assert recipe.name == "mixed" and recipe.description == "both steps"
-    assert recipe.calibration == {"samples": 4, "seq_len": 64, "sink_weight": 8.0}
-    assert isinstance(recipe.calibration["sink_weight"], float)
+    assert recipe.calibration == {"samples": 4, "seq_len": 64}
     (k1, f), (k2, q) = recipe.steps
     assert f.targets == ("model.layers.*.mlp.*",)  # one pattern becomes a tuple
     assert f.asvd_alpha == 1.0 and f.factor_dtype == "float16"
     assert f.ranks == RankPolicy(energy=0.95, multiple=8, weighting="absolute")
-    assert q.damping == 0.05 and q.symmetric is False
+    assert q.damping == 0.05 and q.symmetric is False and q.sink_weight == 8.0
 
 
 def test_unknown_preset_lists_presets():

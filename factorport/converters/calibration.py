@@ -5,17 +5,15 @@ Linears that read the same tensor (q/k/v, gate/up) share one matrix. Only the
 running sums are kept, so peak memory does not grow with the number of
 sequences. Per-channel activation norms are the square roots of XᵀX's diagonal.
 
-The first token of every sequence is weighted `sink_weight` times (default
-32). Most attention heads park their attention on it (the attention sink), so
-an error in its value/output projection reaches every later position; with
-equal weights GPTQ trades that token's accuracy away and loses to plain
-rounding (measured on SmolLM2-135M, int4 g64, 40 WikiText-2 windows:
-RTN 37.0, GPTQ with weight 1: 37.9, weight 32: 33.6, weight 256: 35.3).
+The first token of every sequence is also kept on its own (N vectors per
+input, so still independent of N in all but that small matrix): it is the
+attention sink, which most heads attend to, and steps may weight it more
+(`xtx(name, sink_weight)`; see `quantize.QuantizeConfig.sink_weight`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,14 +26,21 @@ from ..errors import FactorportError
 
 @dataclass
 class CalibrationStats:
-    grams: dict[str, torch.Tensor]  # input key -> XᵀX (in, in) float64
+    grams: dict[str, torch.Tensor]  # input key -> XᵀX (in, in) float64, every token once
     key_of: dict[str, str]  # linear name -> input key
     tokens: int
+    first_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # input key -> (sequences, in)
     source: str = ""
     seconds: float = 0.0
 
-    def xtx(self, name: str) -> torch.Tensor:
-        return self.grams[self.key_of[name]]
+    def xtx(self, name: str, sink_weight: float = 1.0) -> torch.Tensor:
+        """XᵀX of a linear's input, the first token of each sequence counted `sink_weight` times."""
+        key = self.key_of[name]
+        gram = self.grams[key]
+        if sink_weight == 1.0 or key not in self.first_tokens:
+            return gram
+        first = self.first_tokens[key].double()
+        return gram + (sink_weight - 1.0) * (first.T @ first)
 
     def channel_norms(self, name: str) -> torch.Tensor:
         return self.xtx(name).diagonal().clamp_min(0).sqrt()
@@ -49,7 +54,6 @@ class CalibrationConfig:
     source: str  # a local text file, or a datasets id "name[:config[:split]]"
     samples: int = 128
     seq_len: int = 512
-    sink_weight: float = 32.0
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", ".text")
@@ -117,6 +121,7 @@ def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True
     sequences = token_sequences(tokenizer, config.source, config.samples, config.seq_len)
     present = set(linear_names(model, arch))
     grams: dict[str, torch.Tensor] = {}
+    first: dict[str, list[torch.Tensor]] = {}
     key_of: dict[str, str] = {}
     hooks = []
     for group in input_groups(model, arch):
@@ -130,8 +135,8 @@ def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True
         def hook(module, args, key=key):
             hidden = args[0].detach().float()
             x = hidden.reshape(-1, hidden.shape[-1])
-            sink = hidden[:, 0]
-            g = (x.T @ x + (config.sink_weight - 1.0) * (sink.T @ sink)).double()
+            g = (x.T @ x).double()
+            first.setdefault(key, []).append(hidden[:, 0].clone())
             if key in grams:
                 grams[key] += g
             else:
@@ -147,6 +152,7 @@ def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True
     return CalibrationStats(
         grams=grams,
         key_of=key_of,
+        first_tokens={k: torch.cat(v) for k, v in first.items()},
         tokens=sum(s.numel() for s in sequences),
         source=f"{config.source} ({len(sequences)}x{config.seq_len} tokens)",
         seconds=time.perf_counter() - start,
