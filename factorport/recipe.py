@@ -48,7 +48,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(getattr(cfg, "method", "") in ("whitened", "asvd", "gptq") for _, cfg in self.steps)
+        return any(kind == "share" or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq") for kind, cfg in self.steps)
 
 
 def presets() -> list[str]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 from .calibration import CalibrationConfig, CalibrationStats, calibrate
 from .factorize import FactorizeConfig, check_factorize, factorize_
 from .quantize import QuantizeConfig, check_quantize, quantize_
+from .share import ShareConfig, check_share, share_
 from .report import LayerReport
 
 # step name -> (config dataclass, the step, a check that needs only shapes)
 STEPS = {
     "factorize": (FactorizeConfig, factorize_, check_factorize),
     "quantize": (QuantizeConfig, quantize_, check_quantize),
+    "share": (ShareConfig, share_, check_share),
 }
 
 
@@ -54,7 +56,9 @@ __all__ = [
     "FactorizeConfig",
     "LayerReport",
     "QuantizeConfig",
+    "ShareConfig",
     "calibrate",
     "factorize_",
     "quantize_",
+    "share_",
 ]

@@ -74,6 +74,20 @@ def truncate(p, s, right, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return u, v
 
 
+def factor_dtype(config, linear) -> torch.dtype:
+    """The dtype U and V are stored in: the recipe's, else the weight's."""
+    return getattr(torch, config.factor_dtype) if config.factor_dtype else linear.weight.dtype
+
+
+def fixed_cost(model, policy: RankPolicy, candidates: list[Candidate]) -> float:
+    """What the rest of the model costs, for whole-model `params`/`bytes` budgets."""
+    if "bytes" in policy.budget:
+        return module_bytes(model) - sum(c.dense_bytes for c in candidates)
+    if "params" in policy.budget:
+        return model_params(model) - sum(c.dense_params for c in candidates)
+    return 0.0
+
+
 def check_factorize(model, config: FactorizeConfig) -> None:
     for name in compressible_linears(model, config.targets):
         linear = model.get_submodule(name)
@@ -104,7 +118,6 @@ def factorize_(model, config: FactorizeConfig, stats: CalibrationStats | None, p
         started = time.perf_counter()
         p, s, right = svd_of(linear.weight, transforms[key])
         spectra[name] = (p, s, right, time.perf_counter() - started)
-        dtype = getattr(torch, config.factor_dtype) if config.factor_dtype else linear.weight.dtype
         candidates.append(
             Candidate(
                 name=name,
@@ -112,15 +125,10 @@ def factorize_(model, config: FactorizeConfig, stats: CalibrationStats | None, p
                 in_features=linear.in_features,
                 energy=(s**2).float(),
                 dense_bytes=linear.weight.numel() * linear.weight.element_size(),
-                factor_element_bytes=torch.empty(0, dtype=dtype).element_size(),
+                factor_element_bytes=torch.empty(0, dtype=factor_dtype(config, linear)).element_size(),
             )
         )
-    fixed = 0.0
-    if "bytes" in config.ranks.budget:
-        fixed = module_bytes(model) - sum(c.dense_bytes for c in candidates)
-    elif "params" in config.ranks.budget:
-        fixed = model_params(model) - sum(c.dense_params for c in candidates)
-    ranks = allocate(candidates, config.ranks, fixed)
+    ranks = allocate(candidates, config.ranks, fixed_cost(model, config.ranks, candidates))
 
     reports = []
     for cand in candidates:
@@ -134,8 +142,7 @@ def factorize_(model, config: FactorizeConfig, stats: CalibrationStats | None, p
             reports.append(kept)
             continue
         started = time.perf_counter()
-        dtype = getattr(torch, config.factor_dtype) if config.factor_dtype else linear.weight.dtype
-        u, v = truncate(p, s, right, rank, dtype)
+        u, v = truncate(p, s, right, rank, factor_dtype(config, linear))
         new = CompressedLinear(linear.in_features, linear.out_features, None, u, Projection(v), bias=linear.bias)
         err = output_error(linear.weight, new.to_dense(), stats.xtx(name) if stats else None)
         replace_linear(model, name, new)

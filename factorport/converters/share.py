@@ -1,0 +1,118 @@
+"""`share`: factorization with one V per input group (q/k/v, gate/up).
+
+The members' weights are stacked, [W_q; W_k; W_v] · S = P·diag(σ)·Qᵀ with S the
+whitening of the group's shared input (SVD-LLM), and truncated jointly: the
+group stores one V = √σ·Qᵀ·S⁻¹ (rank, in), computed once per forward, and each
+member keeps its own rows of U = P·√σ. Ranks are allocated per group, by the
+same policies as `factorize` (a group whose factorization does not pay stays
+dense). Linears alone in their group get a private V, exactly as `factorize`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..architectures import arch_for, input_groups
+from ..ops import CompressedLinear, Projection
+from .calibration import CalibrationStats
+from .factorize import factor_dtype, fixed_cost, input_transform, svd_of, truncate
+from .ranks import Candidate, RankPolicy, allocate
+from .report import LayerReport, output_error
+from .targets import compressible_linears, replace_linear
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    targets: tuple[str, ...] = ("linears",)
+    ranks: RankPolicy = RankPolicy()
+    factor_dtype: str | None = None  # default: the weights' dtype
+    damping: float = 1e-6
+
+
+def shared_name(group: tuple[str, ...]) -> str:
+    """Where a group's V is registered: beside its members, e.g.
+    model.layers.0.self_attn.shared_q_k_v."""
+    parent = group[0].rpartition(".")[0]
+    leaves = [name.rpartition(".")[2].removesuffix("_proj") for name in group]
+    return f"{parent}.shared_{'_'.join(leaves)}"
+
+
+def _groups(model, config: ShareConfig) -> list[tuple[str, ...]]:
+    chosen = set(compressible_linears(model, config.targets))
+    groups = [tuple(n for n in g if n in chosen) for g in input_groups(model, arch_for(model.config))]
+    return [g for g in groups if g]
+
+
+def check_share(model, config: ShareConfig) -> None:
+    for group in _groups(model, config):
+        linears = [model.get_submodule(n) for n in group]
+        if not all(isinstance(m, torch.nn.Linear) for m in linears):
+            raise ValueError(f"{group[0]}'s group is already compressed; share dense linears only")
+        most = min(sum(m.out_features for m in linears), linears[0].in_features)
+        if config.ranks.rank is not None and config.ranks.rank > most:
+            raise ValueError(
+                f"rank {config.ranks.rank} is larger than the group {', '.join(group)} allows; "
+                f"use a rank of at most {most}"
+            )
+
+
+def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress: bool = True) -> list[LayerReport]:
+    check_share(model, config)
+    if stats is None:
+        raise ValueError("share needs calibration statistics (it whitens with XᵀX)")
+    groups = _groups(model, config)
+    decompositions, candidates = {}, []
+    for group in tqdm(groups, desc="share (joint whitened svd)", unit="group", disable=not progress):
+        linears = [model.get_submodule(n) for n in group]
+        started = time.perf_counter()
+        stacked = torch.cat([m.weight for m in linears])
+        transform = input_transform("whitened", stats.xtx(group[0]), 0.0, config.damping)
+        p, s, right = svd_of(stacked, transform)
+        dtype = factor_dtype(config, linears[0])
+        decompositions[group] = (p, s, right, dtype, time.perf_counter() - started)
+        candidates.append(
+            Candidate(
+                name=group[0] if len(group) == 1 else shared_name(group),
+                out_features=stacked.shape[0],
+                in_features=stacked.shape[1],
+                energy=(s**2).float(),
+                dense_bytes=sum(m.weight.numel() * m.weight.element_size() for m in linears),
+                factor_element_bytes=torch.empty(0, dtype=dtype).element_size(),
+            )
+        )
+    ranks = allocate(candidates, config.ranks, fixed_cost(model, config.ranks, candidates))
+
+    reports = []
+    for group, cand in zip(groups, candidates):
+        p, s, right, dtype, seconds = decompositions.pop(group)
+        rank = ranks[cand.name]
+        linears = [model.get_submodule(n) for n in group]
+        if rank is None:
+            for name, linear in zip(group, linears):
+                kept = LayerReport.compare(name, linear, linear, 0.0, seconds / len(group), step="share")
+                kept.operator = "dense (factorizing does not pay at its allocated rank)"
+                reports.append(kept)
+            continue
+        u, v = truncate(p, s, right, rank, dtype)
+        projection = Projection(v)
+        name_of_v = None
+        if len(group) > 1:
+            name_of_v = shared_name(group)
+            model.set_submodule(name_of_v, projection)
+            # the shared V is reported once, as its own row
+            reports.append(LayerReport(name_of_v, "share", "shared projection", 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
+        row = 0
+        for name, linear in zip(group, linears):
+            rows = slice(row, row + linear.out_features)
+            row += linear.out_features
+            new = CompressedLinear(
+                linear.in_features, linear.out_features, None, u[rows].contiguous(), projection, name_of_v, linear.bias
+            )
+            err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
+            replace_linear(model, name, new)
+            reports.append(LayerReport.compare(name, linear, new, err, seconds / len(group), step="share"))
+    return reports
