@@ -48,7 +48,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(kind == "share" or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq") for kind, cfg in self.steps)
+        return any(kind in ("share", "correct") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq") for kind, cfg in self.steps)
 
 
 def presets() -> list[str]:
@@ -97,7 +97,7 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
         (kind, options), = step.items()
         if kind not in STEPS:
             raise FactorportError(f"{where}: steps[{i}]: unknown step '{kind}'; steps: {', '.join(STEPS)}")
-        config_type = STEPS[kind][0]
+        config_type = STEPS[kind].config
         parsed.append((kind, _build(config_type, options or {}, f"{where}: steps[{i}].{kind}")))
     return Recipe(name, parsed, str(data.get("description", "")), calibration, text)
 

@@ -5,17 +5,30 @@ never write files; each recipe step is a config dataclass plus a function
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from .calibration import CalibrationConfig, CalibrationStats, calibrate
+from .correct import CorrectConfig, check_correct, correct_
 from .factorize import FactorizeConfig, check_factorize, factorize_
 from .quantize import QuantizeConfig, check_quantize, quantize_
-from .share import ShareConfig, check_share, share_
 from .report import LayerReport
+from .share import ShareConfig, check_share, share_
 
-# step name -> (config dataclass, the step, a check that needs only shapes)
+
+@dataclass(frozen=True)
+class Step:
+    config: type  # the dataclass a recipe fills
+    run: Callable  # run(model, config, stats, progress=...) -> [LayerReport]
+    check: Callable  # check(model, config): what shapes alone rule out
+    needs_originals: bool = False  # run also takes originals={name: dense weight before any step}
+
+
 STEPS = {
-    "factorize": (FactorizeConfig, factorize_, check_factorize),
-    "quantize": (QuantizeConfig, quantize_, check_quantize),
-    "share": (ShareConfig, share_, check_share),
+    "factorize": Step(FactorizeConfig, factorize_, check_factorize),
+    "share": Step(ShareConfig, share_, check_share),
+    "quantize": Step(QuantizeConfig, quantize_, check_quantize),
+    "correct": Step(CorrectConfig, correct_, check_correct, needs_originals=True),
 }
 
 
@@ -26,22 +39,30 @@ def check(model, steps) -> None:
 
     for i, (name, config) in enumerate(steps):
         try:
-            STEPS[name][2](model, config)
+            STEPS[name].check(model, config)
         except ValueError as exc:
             raise FactorportError(f"step {i + 1} ({name}): {exc}") from exc
 
+
+def _dense_weights(model) -> dict:
+    import torch
+
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def apply(model, steps, stats: CalibrationStats | None = None, progress: bool = True) -> list[LayerReport]:
     """Run recipe steps `[(name, config), ...]` on `model` in place."""
     from ..errors import FactorportError
 
+    originals = _dense_weights(model) if any(STEPS[name].needs_originals for name, _ in steps) else None
     reports: list[LayerReport] = []
     for i, (name, config) in enumerate(steps):
         if progress:
             print(f"factorport: step {i + 1}/{len(steps)}: {name}")
+        step = STEPS[name]
+        extra = {"originals": originals} if step.needs_originals else {}
         try:
-            reports += STEPS[name][1](model, config, stats, progress=progress)
+            reports += step.run(model, config, stats, progress=progress, **extra)
         except ValueError as exc:  # a rank, group size or budget that does not fit
             raise FactorportError(f"step {i + 1} ({name}): {exc}") from exc
     return reports
@@ -53,11 +74,13 @@ __all__ = [
     "STEPS",
     "CalibrationConfig",
     "CalibrationStats",
+    "CorrectConfig",
     "FactorizeConfig",
     "LayerReport",
     "QuantizeConfig",
     "ShareConfig",
     "calibrate",
+    "correct_",
     "factorize_",
     "quantize_",
     "share_",

@@ -13,6 +13,9 @@ attention sink, which most heads attend to, and steps may weight it more
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -111,12 +114,28 @@ def token_sequences(tokenizer, source: str, samples: int, seq_len: int) -> list[
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(count)]
 
 
+def _return_large_blocks_to_the_os() -> None:
+    """glibc serves medium-sized blocks from its heap after the first large
+    free, and with the activations of hundreds of forwards that heap
+    fragments: resident memory grew ~500 MB per sequence on SmolLM2 (5.5 GB
+    after 8 sequences, 1.7 GB with this). A fixed 1 MiB mmap threshold
+    returns every large tensor to the OS when it is freed."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.inference_mode()
 def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
     """Run the calibration text through `model` and collect XᵀX for every linear input."""
     import time
 
     start = time.perf_counter()
+    _return_large_blocks_to_the_os()
     arch = arch_for(model.config)
     sequences = token_sequences(tokenizer, config.source, config.samples, config.seq_len)
     present = set(linear_names(model, arch))

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 WEIGHTINGS = ("relative", "absolute")
-BUDGET_KEYS = ("params_ratio", "params", "bytes")
+# params_ratio: of the targeted matrices; params / bytes: of the whole model;
+# added_bytes: what the step's factors may add (corrections).
+BUDGET_KEYS = ("params_ratio", "params", "bytes", "added_bytes")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Candidate:
     energy: torch.Tensor  # σ², descending
     dense_bytes: int
     factor_element_bytes: int
+    reference_energy: float | None = None  # what "relative" divides by (default: the spectrum's)
 
     @property
     def dense_params(self) -> int:
@@ -73,9 +76,13 @@ def check_rank(cand: Candidate, rank: int) -> None:
         )
 
 
-def allocate(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float = 0.0) -> dict[str, int | None]:
+def allocate(
+    candidates: list[Candidate], policy: RankPolicy, fixed_cost: float = 0.0, corrections: bool = False
+) -> dict[str, int | None]:
     """Rank per matrix; None means "keep dense". `fixed_cost` is what the
-    rest of the model costs, for whole-model `params`/`bytes` budgets."""
+    rest of the model costs, for whole-model `params`/`bytes` budgets.
+    With `corrections`, the matrices are errors to correct: a budget may give
+    a matrix rank 0 (no correction) and there is no "stay dense" step."""
     if policy.rank is not None:
         for c in candidates:
             check_rank(c, policy.rank)
@@ -92,7 +99,7 @@ def allocate(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float 
             # a factorization as large as the dense matrix does not pay: keep it dense
             ranks[c.name] = None if rank * c.unit(False) >= c.dense_params else rank
         return ranks
-    return _budget(candidates, policy, fixed_cost)
+    return _budget(candidates, policy, fixed_cost, corrections)
 
 
 def _round(c: Candidate, rank: float, multiple: int) -> int:
@@ -100,23 +107,25 @@ def _round(c: Candidate, rank: float, multiple: int) -> int:
     return min(r, c.max_rank)
 
 
-def _budget(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float) -> dict[str, int | None]:
+def _budget(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float, corrections: bool) -> dict[str, int | None]:
     (key, value), = policy.budget.items()
-    in_bytes = key == "bytes"
+    in_bytes = key in ("bytes", "added_bytes")
     if key == "params_ratio":
         total = value * sum(c.dense_params for c in candidates)
+    elif key == "added_bytes":
+        total = value
     else:
         total = value - fixed_cost
     step = policy.multiple
-    rank = {c.name: step for c in candidates}
-    spent = sum(c.unit(in_bytes) * step for c in candidates)
+    rank = {c.name: 0 if corrections else step for c in candidates}
+    spent = sum(c.unit(in_bytes) * rank[c.name] for c in candidates)
     if spent > total:
         raise ValueError(
             f"budget {key}={value} is below the smallest factorization (rank {step} everywhere); raise it"
         )
     dense: set[str] = set()
     weight = {
-        c.name: 1.0 / float(c.energy.sum().clamp_min(1e-30)) if policy.weighting == "relative" else 1.0
+        c.name: 1.0 / max(c.reference_energy or float(c.energy.sum()), 1e-30) if policy.weighting == "relative" else 1.0
         for c in candidates
     }
     by_name = {c.name: c for c in candidates}
@@ -126,7 +135,11 @@ def _budget(candidates: list[Candidate], policy: RankPolicy, fixed_cost: float) 
         r = rank[c.name]
         unit = c.unit(in_bytes)
         break_even = min(c.max_rank, int(c.dense(in_bytes) // unit))
-        if r + step <= break_even:
+        if corrections:
+            if r + step <= c.max_rank:
+                gain = float(c.energy[r : r + step].sum()) * weight[c.name]
+                heapq.heappush(heap, (-gain / (unit * step), c.name, "rank", unit * step))
+        elif r + step <= break_even:
             gain = float(c.energy[r : r + step].sum()) * weight[c.name]
             cost = unit * step
             heapq.heappush(heap, (-gain / cost, c.name, "rank", cost))

@@ -1,0 +1,75 @@
+"""`correct`: EoRA / GlowQ low-rank corrections of a quantized base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factorport.converters import CorrectConfig, QuantizeConfig, apply
+from factorport.converters.ranks import RankPolicy
+from factorport.converters.share import shared_name
+from factorport.errors import FactorportError
+from factorport.formats import safetensors_dir
+from factorport.ops import CompressedLinear
+
+QKV = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+W4 = ("quantize", QuantizeConfig(method="rtn", bits=4, group_size=32))
+
+
+def _run(model, stats, **correct):
+    return apply(model, [W4, ("correct", CorrectConfig(**correct))], stats, progress=False)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_correction_reduces_calibration_error(llama, stats_for, shared):
+    stats = stats_for(llama)
+    reports = _run(llama, stats, shared=shared, ranks=RankPolicy(rank=8))
+    quantized = {r.name: r.calib_error for r in reports if r.step == "quantize"}
+    corrected = {r.name: r.calib_error for r in reports if r.step == "correct" and r.calib_error is not None}
+    assert set(corrected) == set(quantized)
+    assert all(corrected[n] < quantized[n] for n in corrected)
+    q = llama.get_submodule(QKV[0])
+    assert q.base is not None and q.rank == 8
+    assert (q.shared_name == shared_name(QKV)) is shared
+
+
+def test_shared_correction_is_one_projection_computed_once(llama, stats_for, input_ids):
+    _run(llama, stats_for(llama), shared=True, ranks=RankPolicy(rank=8))
+    members = [llama.get_submodule(n) for n in QKV]
+    assert members[0].V is members[1].V is members[2].V
+    projection = members[0].V
+    with torch.no_grad():
+        llama(input_ids)
+    assert projection.calls == 1
+
+
+def test_full_rank_correction_restores_the_weight(llama, stats_for):
+    weights = {n: llama.get_submodule(n).weight.detach().clone() for n in QKV}
+    _run(llama, stats_for(llama), shared=False, ranks=RankPolicy(rank=32), factor_dtype="float32")
+    for name in QKV[1:]:  # k/v are 32x64: rank 32 is their full rank
+        torch.testing.assert_close(llama.get_submodule(name).to_dense(), weights[name].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_budget_is_selective_and_respected(llama, stats_for):
+    budget = 6000  # bytes: a few rank-8 corrections, not all
+    reports = _run(llama, stats_for(llama), shared=True, ranks=RankPolicy(budget={"added_bytes": budget}, multiple=4))
+    added = sum(r.bytes_after - r.bytes_before for r in reports if r.step == "correct")
+    assert 0 < added <= budget
+    corrected = [n for n, m in llama.named_modules() if isinstance(m, CompressedLinear) and m.U is not None]
+    quantized = [n for n, m in llama.named_modules() if isinstance(m, CompressedLinear)]
+    assert 0 < len(corrected) < len(quantized)  # GlowQ-S: only where it pays
+
+
+def test_corrected_model_round_trips(llama, stats_for, input_ids, tmp_path):
+    _run(llama, stats_for(llama), shared=True, ranks=RankPolicy(rank=4))
+    with torch.no_grad():
+        before = llama(input_ids).logits
+    safetensors_dir.save(llama, None, tmp_path)
+    loaded, _ = safetensors_dir.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, before)
+
+
+def test_correct_without_a_base_is_refused(llama, stats_for):
+    with pytest.raises(FactorportError, match="compressed base"):
+        apply(llama, [("correct", CorrectConfig())], stats_for(llama), progress=False)
