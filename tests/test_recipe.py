@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from factorport.converters import FactorizeConfig, QuantizeConfig
+
+from factorport.converters import STEPS
 from factorport.converters.ranks import RankPolicy
 from factorport.errors import FactorportError
 from factorport.recipe import PRESET_DIR, load_recipe, parse_recipe, presets
@@ -30,10 +31,9 @@ def test_every_preset_parses(name):
     assert recipe.steps
     assert recipe.text == (PRESET_DIR / f"{name}.yaml").read_text()
     for kind, config in recipe.steps:
-        assert kind in ("factorize", "quantize")
-        assert isinstance(config, FactorizeConfig if kind == "factorize" else QuantizeConfig)
+        assert isinstance(config, STEPS[kind].config)
         if kind == "quantize":
-            config.spec  # a valid QuantSpec
+            assert config.spec.bits in (4, 8)
         else:
             policy = config.ranks
             set_ = [k for k in ("rank", "ratio", "energy") if getattr(policy, k) is not None]

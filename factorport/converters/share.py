@@ -31,6 +31,7 @@ class ShareConfig:
     ranks: RankPolicy = RankPolicy()
     factor_dtype: str | None = None  # default: the weights' dtype
     damping: float = 1e-6
+    sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
 
 
 def shared_name(group: tuple[str, ...]) -> str:
@@ -70,7 +71,7 @@ def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress:
         linears = [model.get_submodule(n) for n in group]
         started = time.perf_counter()
         stacked = torch.cat([m.weight for m in linears])
-        transform = input_transform("whitened", stats.xtx(group[0]), 0.0, config.damping)
+        transform = input_transform("whitened", stats.xtx(group[0], config.sink_weight), 0.0, config.damping)
         p, s, right = svd_of(stacked, transform)
         dtype = factor_dtype(config, linears[0])
         decompositions[group] = (p, s, right, dtype, time.perf_counter() - started)

@@ -36,7 +36,3 @@ def replace_linear(model, name: str, new: CompressedLinear) -> None:
         old = model.get_input_embeddings()
         model.set_input_embeddings(TiedEmbedding(new, getattr(old, "padding_idx", None)))
 
-
-def dense_weight(module) -> "torch.Tensor":
-    """The float32 weight a linear computes, compressed or not."""
-    return module.to_dense() if isinstance(module, CompressedLinear) else module.weight.float()
