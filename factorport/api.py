@@ -23,7 +23,7 @@ from .converters import CalibrationConfig, apply, calibrate, check
 from .errors import FactorportError
 from .formats import manifest, safetensors_dir
 from .formats.safetensors_dir import SUBDIR as SAFETENSORS
-from .formats.safetensors_dir import find_artifact as artifact_dir
+from .formats.safetensors_dir import find_artifact
 from .loading import load_model
 from .recipe import Recipe, load_recipe
 
@@ -32,14 +32,18 @@ DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
 DEFAULT_TEXT = SHARED_DATA / "wiki.test.raw"
 
 
+def refuse_existing(output: Path, force: bool) -> None:
+    if Path(output).exists() and not force:
+        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
+
+
 @contextmanager
 def staged_output(output: Path, force: bool):
     """Yield a temporary directory beside `output`; on success it becomes
     `output` (replacing an old one only with `force`); on failure it is removed,
     so no partial output is ever left."""
     output = Path(output)
-    if output.exists() and not force:
-        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
+    refuse_existing(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -68,8 +72,7 @@ def convert(
     """Compress `model` (None: the embedded default) with `recipe` and write
     OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json."""
     output = Path(output)
-    if output.exists() and not force:  # fail before any work
-        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
+    refuse_existing(output, force)  # before any work
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
     started = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
@@ -109,7 +112,7 @@ def convert(
 
 def load(path: str | Path):
     """(model, tokenizer) from a factorport output directory or its safetensors directory."""
-    directory = artifact_dir(path)
+    directory = find_artifact(path)
     if directory is None:
         raise FactorportError(f"{path} is not a factorport artifact (no {SAFETENSORS}/{safetensors_dir.WEIGHTS})")
     return safetensors_dir.load(directory)
@@ -117,7 +120,7 @@ def load(path: str | Path):
 
 def load_any(model_or_dir: str | None):
     """A factorport artifact if `model_or_dir` is one, else a source model."""
-    if model_or_dir is not None and artifact_dir(model_or_dir) is not None:
+    if model_or_dir is not None and find_artifact(model_or_dir) is not None:
         return load(model_or_dir)
     model, tokenizer, _ = load_model(model_or_dir)
     return model, tokenizer

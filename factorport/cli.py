@@ -27,13 +27,14 @@ def _convert(args) -> None:
 
 
 def _eval(args) -> None:
-    from .api import artifact_dir, evaluate
+    from .api import evaluate
     from .formats.manifest import read_manifest
+    from .formats.safetensors_dir import find_artifact
 
     result = {"model": args.model or "embedded default", "windows": args.windows, "seq_len": 512}
     result["perplexity"] = evaluate(args.model, args.text, args.windows, progress=not args.quiet)
     print(f"perplexity ({args.model or 'embedded default'}): {result['perplexity']:.4f}")
-    if args.model and artifact_dir(args.model) is not None and not args.no_reference:
+    if args.model and find_artifact(args.model) is not None and not args.no_reference:
         manifest_dir = Path(args.model)
         if (manifest_dir / "manifest.json").exists():
             source = read_manifest(manifest_dir)["source"]
