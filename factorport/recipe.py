@@ -48,7 +48,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(kind in ("share", "correct") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq") for kind, cfg in self.steps)
+        return any(kind in ("share", "correct") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") for kind, cfg in self.steps)
 
 
 def presets() -> list[str]:

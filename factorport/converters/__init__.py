@@ -14,6 +14,7 @@ from .factorize import FactorizeConfig, check_factorize, factorize_
 from .quantize import QuantizeConfig, check_quantize, quantize_
 from .report import LayerReport
 from .share import ShareConfig, check_share, share_
+from .sparsify import SparsifyConfig, check_sparsify, sparsify_
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ STEPS = {
     "factorize": Step(FactorizeConfig, factorize_, check_factorize),
     "share": Step(ShareConfig, share_, check_share),
     "quantize": Step(QuantizeConfig, quantize_, check_quantize),
+    "sparsify": Step(SparsifyConfig, sparsify_, check_sparsify),
     "correct": Step(CorrectConfig, correct_, check_correct, needs_originals=True),
 }
 
@@ -79,9 +81,11 @@ __all__ = [
     "LayerReport",
     "QuantizeConfig",
     "ShareConfig",
+    "SparsifyConfig",
     "calibrate",
     "correct_",
     "factorize_",
     "quantize_",
     "share_",
+    "sparsify_",
 ]
