@@ -92,3 +92,18 @@ def test_share_needs_calibration(llama):
 
     with pytest.raises(FactorportError, match="calibration"):
         apply(llama, [("share", ShareConfig(ranks=RankPolicy(rank=8)))], None, progress=False)
+
+
+def test_across_layers_shares_storage_not_compute(llama, stats_for, input_ids, tmp_path):
+    stats = stats_for(llama)
+    reports = apply(llama, [("share", ShareConfig(targets=("*.mlp.up_proj",), across_layers=2, ranks=RankPolicy(rank=16)))], stats, progress=False)
+    ups = [llama.get_submodule(f"model.layers.{i}.mlp.up_proj") for i in range(2)]
+    assert ups[0].V is ups[1].V and ups[0].shared_name == "model.layers.0.mlp.shared_up_x2"
+    assert any("storage only" in r.operator for r in reports)
+    with torch.no_grad():
+        before = llama(input_ids).logits
+    assert ups[0].V.calls == 2  # different inputs: computed once per layer
+    safetensors_dir.save(llama, None, tmp_path)
+    loaded, _ = safetensors_dir.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, before)

@@ -1,4 +1,5 @@
-"""`share`: factorization with one V per input group (q/k/v, gate/up).
+"""`share`: factorization with one V per input group (q/k/v, gate/up), or
+per projection type across a window of layers (Basis Sharing).
 
 The members' weights are stacked, [W_q; W_k; W_v] · S = P·diag(σ)·Qᵀ with S the
 whitening of the group's shared input (SVD-LLM), and truncated jointly: the
@@ -6,6 +7,11 @@ group stores one V = √σ·Qᵀ·S⁻¹ (rank, in), computed once per forward, 
 member keeps its own rows of U = P·√σ. Ranks are allocated per group, by the
 same policies as `factorize` (a group whose factorization does not pay stays
 dense). Linears alone in their group get a private V, exactly as `factorize`.
+
+With `across_layers: N`, the same projection of N consecutive layers shares
+one V instead (whitened by the sum of their XᵀX). Their inputs differ, so V·x
+is still computed per layer: this saves storage, not compute, and the report
+says so.
 """
 
 from __future__ import annotations
@@ -32,20 +38,39 @@ class ShareConfig:
     factor_dtype: str | None = None  # default: the weights' dtype
     damping: float = 1e-6
     sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
+    across_layers: int = 1  # >1: share V per projection type over this many consecutive layers
 
 
 def shared_name(group: tuple[str, ...]) -> str:
-    """Where a group's V is registered: beside its members, e.g.
-    model.layers.0.self_attn.shared_q_k_v."""
+    """Where a group's V is registered: beside its first member, e.g.
+    model.layers.0.self_attn.shared_q_k_v, or model.layers.4.mlp.shared_up_x4
+    for one projection shared by four layers."""
     parent = group[0].rpartition(".")[0]
     leaves = [name.rpartition(".")[2].removesuffix("_proj") for name in group]
+    if len(set(leaves)) == 1:
+        return f"{parent}.shared_{leaves[0]}_x{len(group)}"
     return f"{parent}.shared_{'_'.join(leaves)}"
 
 
 def _groups(model, config: ShareConfig) -> list[tuple[str, ...]]:
-    chosen = set(compressible_linears(model, config.targets))
-    groups = [tuple(n for n in g if n in chosen) for g in input_groups(model, arch_for(model.config))]
+    arch = arch_for(model.config)
+    chosen = compressible_linears(model, config.targets)
+    if config.across_layers > 1:
+        by_type: dict[str, list[str]] = {}
+        for name in chosen:
+            by_type.setdefault(name.removeprefix(arch.layers + ".").partition(".")[2], []).append(name)
+        window = config.across_layers
+        return [tuple(names[i : i + window]) for names in by_type.values() for i in range(0, len(names), window)]
+    wanted = set(chosen)
+    groups = [tuple(n for n in g if n in wanted) for g in input_groups(model, arch)]
     return [g for g in groups if g]
+
+
+def _group_xtx(stats: CalibrationStats, group: tuple[str, ...], sink_weight: float) -> torch.Tensor:
+    """The whitening statistics of a group: its one input's, or the sum over
+    layers when the members read different inputs."""
+    keys = {stats.key_of[n]: n for n in group}
+    return sum(stats.xtx(n, sink_weight) for n in keys.values())
 
 
 def check_share(model, config: ShareConfig) -> None:
@@ -71,7 +96,7 @@ def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress:
         linears = [model.get_submodule(n) for n in group]
         started = time.perf_counter()
         stacked = torch.cat([m.weight for m in linears])
-        transform = input_transform("whitened", stats.xtx(group[0], config.sink_weight), 0.0, config.damping)
+        transform = input_transform("whitened", _group_xtx(stats, group, config.sink_weight), 0.0, config.damping)
         p, s, right = svd_of(stacked, transform)
         dtype = factor_dtype(config, linears[0])
         decompositions[group] = (p, s, right, dtype, time.perf_counter() - started)
@@ -105,7 +130,8 @@ def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress:
             name_of_v = shared_name(group)
             model.set_submodule(name_of_v, projection)
             # the shared V is reported once, as its own row
-            reports.append(LayerReport(name_of_v, "share", "shared projection", 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
+            what = "shared projection" if config.across_layers == 1 else "projection shared across layers (storage only: computed per layer)"
+            reports.append(LayerReport(name_of_v, "share", what, 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
         row = 0
         for name, linear in zip(group, linears):
             rows = slice(row, row + linear.out_features)
