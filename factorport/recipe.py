@@ -48,7 +48,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(kind in ("share", "correct") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") for kind, cfg in self.steps)
+        return any(kind in ("share", "correct", "budget") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") for kind, cfg in self.steps)
 
 
 def presets() -> list[str]:
@@ -125,12 +125,14 @@ def _build(config_type, options, where: str):
     values = {}
     for key, value in options.items():
         values[key] = _convert(hints[key], value, f"{where}.{key}")
-        if isinstance(values[key], (int, float)) and not isinstance(values[key], bool) and values[key] < 0:
-            raise FactorportError(f"{where}.{key}: must not be negative, got {value!r}")
+        items = values[key] if isinstance(values[key], tuple) else (values[key],)
         allowed = CHOICES.get(key) or _method_choices(config_type, key)
-        if allowed and values[key] not in allowed:
-            shown = ", ".join(str(a) for a in allowed if a is not None)
-            raise FactorportError(f"{where}.{key}: {value!r} is not one of {shown}")
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and item < 0:
+                raise FactorportError(f"{where}.{key}: must not be negative, got {value!r}")
+            if allowed and item not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                raise FactorportError(f"{where}.{key}: {item!r} is not one of {shown}")
     config = config_type(**values)
     return config
 
@@ -148,11 +150,12 @@ def _convert(hint, value, where: str):
     args = typing.get_args(hint)
     if hint is RankPolicy:
         return _rank_policy(value, where)
-    if origin is tuple:  # tuple[str, ...]: a list of patterns, or one pattern
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+    if origin is tuple:  # tuple[T, ...]: a list, or a single value
+        element = args[0]
+        items = value if isinstance(value, list) else [value]
+        if element is str and not all(isinstance(v, str) for v in items):
             raise FactorportError(f"{where}: expected a list of module-name patterns")
-        return tuple(items)
+        return tuple(_check_type(v, element, f"{where}[{i}]") for i, v in enumerate(items))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .budget import BudgetConfig, budget_, check_budget
 from .calibration import CalibrationConfig, CalibrationStats, calibrate
 from .correct import CorrectConfig, check_correct, correct_
 from .factorize import FactorizeConfig, check_factorize, factorize_
@@ -31,6 +32,7 @@ STEPS = {
     "quantize": Step(QuantizeConfig, quantize_, check_quantize),
     "sparsify": Step(SparsifyConfig, sparsify_, check_sparsify),
     "correct": Step(CorrectConfig, correct_, check_correct, needs_originals=True),
+    "budget": Step(BudgetConfig, budget_, check_budget),
 }
 
 
@@ -71,6 +73,8 @@ def apply(model, steps, stats: CalibrationStats | None = None, progress: bool = 
 
 
 __all__ = [
+    "BudgetConfig",
+    "budget_",
     "apply",
     "check",
     "STEPS",

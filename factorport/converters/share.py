@@ -95,7 +95,7 @@ def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress:
     for group in tqdm(groups, desc="share (joint whitened svd)", unit="group", disable=not progress):
         linears = [model.get_submodule(n) for n in group]
         started = time.perf_counter()
-        stacked = torch.cat([m.weight for m in linears])
+        stacked = torch.cat([m.weight.detach() for m in linears])
         transform = input_transform("whitened", _group_xtx(stats, group, config.sink_weight), 0.0, config.damping)
         p, s, right = svd_of(stacked, transform)
         dtype = factor_dtype(config, linears[0])

@@ -1,0 +1,186 @@
+"""`budget`: one byte budget spread over bit widths and correction ranks
+(LQ-LoRA-style mixed allocation).
+
+For every unit (an input group when corrections are shared, else one linear)
+and every bit width in `bits`, the step quantizes the unit (GPTQ or RTN) and
+takes the whitened SVD of its error, which gives the calibration output error
+left after a correction of any rank. Each unit then has a menu of
+(bytes, error) options — bit width x correction rank. The solver keeps each
+unit's lower convex hull and, starting from the cheapest option everywhere,
+repeatedly buys the upgrade with the largest error reduction per byte that
+still fits (greedy on convex hulls: optimal for the relaxed problem).
+Errors are relative to each unit's output energy ‖W·Xᵀ‖².
+
+The budget is `bytes` for the whole model's tensors or `bits_per_weight`
+over the targeted weights (int4 g64 with float16 scales is 4.25).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..ops import CompressedLinear, Projection, QuantizedBase, QuantSpec
+from .calibration import CalibrationStats
+from .correct import CorrectConfig, _units
+from .factorize import input_transform, svd_of, truncate
+from .quantize import gptq
+from .report import LayerReport, module_bytes, output_error
+from .share import shared_name
+from .targets import compressible_linears, replace_linear
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    targets: tuple[str, ...] = ("linears", "lm_head")
+    bytes: float | None = None  # whole-model tensor bytes
+    bits_per_weight: float | None = None  # over the targeted weights
+    bits: tuple[int, ...] = (4, 8)
+    group_size: int = 64
+    symmetric: bool = True
+    method: str = "gptq"
+    sink_weight: float = 32.0  # for GPTQ (see QuantizeConfig)
+    correction_ranks: tuple[int, ...] = (0, 16, 32, 64)
+    shared: bool = True  # corrections: one V per input group (GlowQ)
+    factor_dtype: str = "float16"
+
+
+@dataclass
+class Option:
+    bits: int
+    rank: int
+    bytes: float
+    error: float
+
+
+def check_budget(model, config: BudgetConfig) -> None:
+    if (config.bytes is None) == (config.bits_per_weight is None):
+        raise ValueError("give exactly one of bytes, bits_per_weight")
+    for bits in config.bits:
+        spec = QuantSpec(bits, config.group_size, config.symmetric)
+        for name in compressible_linears(model, config.targets):
+            module = model.get_submodule(name)
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"{name} is already compressed; budget starts from dense linears")
+            spec.check_fits(module.in_features, name)
+
+
+def _quantize(weight, spec: QuantSpec, config: BudgetConfig, xtx) -> QuantizedBase:
+    if config.method == "gptq":
+        return gptq(weight, xtx, spec, 0.01, 128)
+    return QuantizedBase.from_weight(weight, spec)
+
+
+def _hull(options: list[Option]) -> list[Option]:
+    """Lower convex hull of (bytes, error), cheapest first."""
+    hull: list[Option] = []
+    for opt in sorted(options, key=lambda o: (o.bytes, o.error)):
+        if hull and opt.error >= hull[-1].error:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> opt
+            if (b.error - a.error) * (opt.bytes - a.bytes) >= (opt.error - a.error) * (b.bytes - a.bytes):
+                hull.pop()
+            else:
+                break
+        hull.append(opt)
+    return hull
+
+
+def _choose(hulls: dict, total: float) -> dict:
+    choice = {unit: 0 for unit in hulls}
+    spent = sum(h[0].bytes for h in hulls.values())
+    if spent > total:
+        raise ValueError(f"the budget ({total:,.0f} bytes for the targets) is below the cheapest option ({spent:,.0f}); raise it")
+    heap = []
+
+    def push(unit):
+        h, i = hulls[unit], choice[unit]
+        if i + 1 < len(h):
+            cost = h[i + 1].bytes - h[i].bytes
+            gain = h[i].error - h[i + 1].error
+            heapq.heappush(heap, (-gain / max(cost, 1e-9), id(unit), unit, cost))
+
+    for unit in hulls:
+        push(unit)
+    while heap:
+        _, _, unit, cost = heapq.heappop(heap)
+        if spent + cost > total:
+            continue
+        spent += cost
+        choice[unit] += 1
+        push(unit)
+    return {unit: hulls[unit][i] for unit, i in choice.items()}
+
+
+def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progress: bool = True) -> list[LayerReport]:
+    check_budget(model, config)
+    if stats is None:
+        raise ValueError("budget needs calibration statistics")
+    units = _units(model, CorrectConfig(targets=config.targets, shared=config.shared))
+    factor_bytes = torch.empty(0, dtype=getattr(torch, config.factor_dtype)).element_size()
+    names = [n for unit in units for n in unit]
+    dense_bytes = sum(module_bytes(model.get_submodule(n)) for n in names)
+    if config.bytes is not None:
+        total = config.bytes - (module_bytes(model) - dense_bytes)
+    else:
+        total = config.bits_per_weight / 8 * sum(model.get_submodule(n).weight.numel() for n in names)
+
+    menus, hulls = {}, {}
+    for unit in tqdm(units, desc=f"budget (int{'/'.join(map(str, config.bits))} x ranks)", unit="unit", disable=not progress):
+        weights = [model.get_submodule(n).weight.detach() for n in unit]
+        whitening = input_transform("whitened", stats.xtx(unit[0]), 0.0, 1e-6)
+        reference = float((torch.cat(weights).double() @ whitening[0]).pow(2).sum())
+        outs = sum(w.shape[0] for w in weights)
+        options, menu = [], {}
+        for bits in config.bits:
+            spec = QuantSpec(bits, config.group_size, config.symmetric)
+            bases = [_quantize(w, spec, config, stats.xtx(n, config.sink_weight)) for n, w in zip(unit, weights)]
+            error = torch.cat([w.double() - b.to_dense().double() for w, b in zip(weights, bases)])
+            p, s, right = svd_of(error, whitening)
+            menu[bits] = (bases, p, s, right)
+            base_bytes = sum(module_bytes(b) for b in bases)
+            energy = (s**2).double()
+            for rank in config.correction_ranks:
+                if rank > min(outs, weights[0].shape[1]):
+                    continue
+                cost = base_bytes + rank * (outs + weights[0].shape[1]) * factor_bytes
+                options.append(Option(bits, rank, cost, float(energy[rank:].sum()) / max(reference, 1e-30)))
+        menus[unit] = menu
+        hulls[unit] = _hull(options)
+    chosen = _choose(hulls, total)
+
+    reports = []
+    for unit in units:
+        started = time.perf_counter()
+        opt = chosen[unit]
+        bases, p, s, right = menus.pop(unit)[opt.bits]
+        projection = name_of_v = u = None
+        if opt.rank:
+            u, v = truncate(p, s, right, opt.rank, getattr(torch, config.factor_dtype))
+            projection = Projection(v)
+            if len(unit) > 1:
+                name_of_v = shared_name(unit)
+                model.set_submodule(name_of_v, projection)
+                reports.append(LayerReport(name_of_v, "budget", "shared projection", 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
+        row = 0
+        for name, base in zip(unit, bases):
+            linear = model.get_submodule(name)
+            member_u = None
+            if u is not None:
+                member_u = u[row : row + linear.out_features].contiguous()
+            row += linear.out_features
+            new = CompressedLinear(linear.in_features, linear.out_features, base, member_u, projection, name_of_v, linear.bias)
+            err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
+            replace_linear(model, name, new)
+            report = LayerReport.compare(name, linear, new, err, time.perf_counter() - started, step="budget")
+            report.operator += f" (int{opt.bits}, correction rank {opt.rank})"
+            reports.append(report)
+    return reports
