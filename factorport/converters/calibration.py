@@ -13,8 +13,6 @@ attention sink, which most heads attend to, and steps may weight it more
 
 from __future__ import annotations
 
-import ctypes
-import sys
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,35 +112,24 @@ def token_sequences(tokenizer, source: str, samples: int, seq_len: int) -> list[
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(count)]
 
 
-def _return_large_blocks_to_the_os() -> None:
-    """glibc serves medium-sized blocks from its heap after the first large
-    free, and with the activations of hundreds of forwards that heap
-    fragments: resident memory grew ~500 MB per sequence on SmolLM2 (5.5 GB
-    after 8 sequences, 1.7 GB with this). A fixed 1 MiB mmap threshold
-    returns every large tensor to the OS when it is freed."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 @torch.inference_mode()
 def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
     """Run the calibration text through `model` and collect XᵀX for every linear input."""
     import time
 
     start = time.perf_counter()
-    _return_large_blocks_to_the_os()
     arch = arch_for(model.config)
     sequences = token_sequences(tokenizer, config.source, config.samples, config.seq_len)
     present = set(linear_names(model, arch))
+    # Every buffer is allocated once, before the first forward, and filled in
+    # place: long-lived tensors allocated between the forwards' temporaries
+    # fragment the heap, and resident memory then grew ~500 MB per sequence.
     grams: dict[str, torch.Tensor] = {}
-    first: dict[str, list[torch.Tensor]] = {}
+    scratch: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
     key_of: dict[str, str] = {}
     hooks = []
+    count = {"seq": 0}
     for group in input_groups(model, arch):
         group = [n for n in group if n in present]
         if not group:
@@ -150,20 +137,22 @@ def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True
         key = group[0]
         for name in group:
             key_of[name] = key
+        width = model.get_submodule(key).in_features
+        grams[key] = torch.zeros(width, width, dtype=torch.float64)
+        scratch[key] = torch.empty(width, width)
+        first[key] = torch.empty(len(sequences), width)
 
         def hook(module, args, key=key):
-            hidden = args[0].detach().float()
-            x = hidden.reshape(-1, hidden.shape[-1])
-            g = (x.T @ x).double()
-            first.setdefault(key, []).append(hidden[:, 0].clone())
-            if key in grams:
-                grams[key] += g
-            else:
-                grams[key] = g
+            hidden = args[0].detach()
+            x = hidden.reshape(-1, hidden.shape[-1]).float()
+            torch.mm(x.T, x, out=scratch[key])
+            grams[key] += scratch[key]
+            first[key][count["seq"]] = hidden[0, 0]
 
         hooks.append(model.get_submodule(key).register_forward_pre_hook(hook))
     try:
-        for seq in tqdm(sequences, desc="calibrate", unit="seq", disable=not progress):
+        for i, seq in enumerate(tqdm(sequences, desc="calibrate", unit="seq", disable=not progress)):
+            count["seq"] = i
             model(input_ids=seq, use_cache=False)
     finally:
         for h in hooks:
@@ -171,7 +160,7 @@ def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True
     return CalibrationStats(
         grams=grams,
         key_of=key_of,
-        first_tokens={k: torch.cat(v) for k, v in first.items()},
+        first_tokens=first,
         tokens=sum(s.numel() for s in sequences),
         source=f"{config.source} ({len(sequences)}x{config.seq_len} tokens)",
         seconds=time.perf_counter() - start,
