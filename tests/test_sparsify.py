@@ -48,6 +48,19 @@ def test_wanda_keeps_blocks_with_large_activations():
     assert (magnitude.indices == 3).all()  # the largest weights are in the last block
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_compensation_lowers_calibration_error(llama, stats_for, make_model, bits):
+    stats = stats_for(llama)
+    twin = make_model("llama")
+    twin.load_state_dict(llama.state_dict())
+    kw = dict(block_cols=32, density=0.5, bits=bits, group_size=32)
+    compensated = _sparsify(llama, stats, compensate=True, **kw)
+    copied = _sparsify(twin, stats, **kw)
+    assert sum(r.calib_error for r in compensated) < 0.9 * sum(r.calib_error for r in copied)
+    # the pattern is the same: the mask comes from the scores, not the sweep
+    assert torch.equal(llama.get_submodule(UP).base.indices, twin.get_submodule(UP).base.indices)
+
+
 def test_two_four_keeps_two_of_every_four(llama, stats_for):
     _sparsify(llama, stats_for(llama), pattern="2:4")
     dense = llama.get_submodule(UP).base.to_dense()

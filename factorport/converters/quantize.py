@@ -52,9 +52,13 @@ class QuantizeConfig:
 
 
 @torch.no_grad()
-def gptq(weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: float, block_size: int) -> QuantizedBase:
+def obs_sweep(weight: torch.Tensor, xtx: torch.Tensor, damping: float, block_size: int, target_of) -> torch.Tensor:
+    """The optimal-brain-surgeon sweep shared by GPTQ and SparseGPT: visit the
+    columns in order, replace each by `target_of(col, block, i)` (rounded,
+    pruned, or both; `block[:, i]` is column `col` with the updates so far) and
+    push the error onto the columns not yet visited through the inverse
+    Hessian H = XᵀX. Returns the replaced weights."""
     rows, cols = weight.shape
-    spec.check_fits(cols)
     w = weight.float().clone()
     h = xtx.float().clone()
     dead = h.diagonal() == 0
@@ -62,36 +66,57 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: floa
     w[:, dead] = 0.0
     h.diagonal().add_(damping * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    gs = spec.group_size
-    block_size = max(gs, block_size // gs * gs)  # a group never straddles two blocks
-    groups = cols // gs
-    codes = torch.empty(rows, cols, dtype=torch.int32)
-    scale = torch.empty(rows, groups, dtype=torch.float16)
-    minimum = None if spec.symmetric else torch.empty(rows, groups, dtype=torch.float16)
+    result = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = w[:, i1:i2].clone()
         errors = torch.zeros_like(block)
         hblock = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            g = col // gs
-            if col % gs == 0:
-                s, m = group_params(block[:, i : i + gs].unsqueeze(1), spec)
-                scale[:, g] = s[:, 0]
-                if minimum is not None:
-                    minimum[:, g] = m[:, 0]
-            s_g = scale[:, g : g + 1]
-            m_g = None if minimum is None else minimum[:, g : g + 1]
-            column = block[:, i].reshape(rows, 1, 1)
-            q = encode(column, spec, s_g, m_g)
-            codes[:, col] = q.reshape(rows)
-            err = (block[:, i] - decode(q, spec, s_g, m_g).reshape(rows)) / hblock[i, i]
+            target = target_of(i1 + i, block, i)
+            result[:, i1 + i] = target
+            err = (block[:, i] - target) / hblock[i, i]
             block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return QuantizedBase(pack(codes, spec), scale, minimum, spec, cols)
+    return result
+
+
+class GroupRounder:
+    """`target_of` for `obs_sweep` that rounds onto the group grid, fixing each
+    group's scale when the sweep reaches the group's first column; `keep`
+    (rows, cols) optionally prunes entries to exactly zero (SparseGPT)."""
+
+    def __init__(self, rows: int, cols: int, spec: QuantSpec, keep: torch.Tensor | None = None) -> None:
+        self.spec, self.keep = spec, keep
+        groups = cols // spec.group_size
+        self.codes = torch.empty(rows, cols, dtype=torch.int32)
+        self.scale = torch.empty(rows, groups, dtype=torch.float16)
+        self.minimum = None if spec.symmetric else torch.empty(rows, groups, dtype=torch.float16)
+
+    def __call__(self, col: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        gs = self.spec.group_size
+        g = col // gs
+        if col % gs == 0:
+            s, m = group_params(block[:, i : i + gs].unsqueeze(1), self.spec)
+            self.scale[:, g] = s[:, 0]
+            if self.minimum is not None:
+                self.minimum[:, g] = m[:, 0]
+        s_g = self.scale[:, g : g + 1]
+        m_g = None if self.minimum is None else self.minimum[:, g : g + 1]
+        q = encode(block[:, i].reshape(-1, 1, 1), self.spec, s_g, m_g)
+        self.codes[:, col] = q.reshape(-1)
+        value = decode(q, self.spec, s_g, m_g).reshape(-1)
+        return value if self.keep is None else torch.where(self.keep[:, col], value, torch.zeros_like(value))
+
+
+def gptq(weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: float, block_size: int) -> QuantizedBase:
+    rows, cols = weight.shape
+    spec.check_fits(cols)
+    block_size = max(spec.group_size, block_size // spec.group_size * spec.group_size)  # groups never straddle blocks
+    rounder = GroupRounder(rows, cols, spec)
+    obs_sweep(weight, xtx, damping, block_size, rounder)
+    return QuantizedBase(pack(rounder.codes, spec), rounder.scale, rounder.minimum, spec, cols)
 
 
 def _dense_of(module) -> torch.Tensor | None:
