@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..ops import CompressedLinear, Projection, QuantizedBase, QuantSpec
+from ..ops import CompressedLinear, QuantizedBase, QuantSpec
 from .calibration import CalibrationStats
 from .correct import CorrectConfig, _units
 from .factorize import input_transform, svd_of, truncate
 from .quantize import gptq
 from .report import LayerReport, module_bytes, output_error
-from .share import shared_name
+from .share import attach_projection, member_rows
 from .targets import compressible_linears, replace_linear
 
 METHODS = ("rtn", "gptq")
@@ -162,21 +162,14 @@ def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progres
         started = time.perf_counter()
         opt = chosen[unit]
         bases, p, s, right = menus.pop(unit)[opt.bits]
-        projection = name_of_v = u = None
+        projection = name_of_v = None
+        members = [(name, model.get_submodule(name), None) for name in unit]
         if opt.rank:
             u, v = truncate(p, s, right, opt.rank, getattr(torch, config.factor_dtype))
-            projection = Projection(v)
-            if len(unit) > 1:
-                name_of_v = shared_name(unit)
-                model.set_submodule(name_of_v, projection)
-                reports.append(LayerReport(name_of_v, "budget", "shared projection", 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
-        row = 0
-        for name, base in zip(unit, bases):
-            linear = model.get_submodule(name)
-            member_u = None
-            if u is not None:
-                member_u = u[row : row + linear.out_features].contiguous()
-            row += linear.out_features
+            projection, name_of_v, rows = attach_projection(model, unit, v, "budget")
+            reports += rows
+            members = list(member_rows(model, unit, u))
+        for (name, linear, member_u), base in zip(members, bases):
             new = CompressedLinear(linear.in_features, linear.out_features, base, member_u, projection, name_of_v, linear.bias)
             err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
             replace_linear(model, name, new)

@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from ..architectures import arch_for, input_groups
-from ..ops import CompressedLinear, Projection
+from ..ops import CompressedLinear
 from .calibration import CalibrationStats
 from .factorize import input_transform, svd_of, truncate
 from .ranks import Candidate, RankPolicy, allocate
 from .report import LayerReport, module_bytes, module_params, output_error
-from .share import shared_name
+from .share import attach_projection, member_rows, shared_name
 from .targets import compressible_linears
 
 
@@ -101,20 +101,12 @@ def correct_(
         if not rank:
             continue  # the budget found better uses for these bytes
         u, v = truncate(p, s, right, rank, dtype)
-        projection = Projection(v)
-        name_of_v = None
-        if len(unit) > 1:
-            name_of_v = shared_name(unit)
-            model.set_submodule(name_of_v, projection)
-            reports.append(LayerReport(name_of_v, "correct", "shared projection", 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
-        row = 0
-        for name in unit:
-            module = model.get_submodule(name)
-            rows = slice(row, row + module.out_features)
-            row += module.out_features
+        projection, name_of_v, rows = attach_projection(model, unit, v, "correct")
+        reports += rows
+        for name, module, member_u in member_rows(model, unit, u):
             before_error = output_error(originals[name], module.base.to_dense(), stats.xtx(name))
             params_before, bytes_before = module_params(module), module_bytes(module)
-            module.set_lowrank(u[rows].contiguous(), projection, name_of_v)
+            module.set_lowrank(member_u, projection, name_of_v)
             after_error = output_error(originals[name], module.to_dense(), stats.xtx(name))
             reports.append(
                 LayerReport(

@@ -52,6 +52,27 @@ def shared_name(group: tuple[str, ...]) -> str:
     return f"{parent}.shared_{'_'.join(leaves)}"
 
 
+def attach_projection(model, unit: tuple[str, ...], v: torch.Tensor, step: str, what: str = "shared projection"):
+    """A Projection for V; registered at the group's name (and reported once,
+    as its own row) when several linears share it. Returns (projection, its
+    name or None, report rows)."""
+    projection = Projection(v)
+    if len(unit) == 1:
+        return projection, None, []
+    name = shared_name(unit)
+    model.set_submodule(name, projection)
+    return projection, name, [LayerReport(name, step, what, 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0)]
+
+
+def member_rows(model, unit: tuple[str, ...], u: torch.Tensor):
+    """(name, module, its rows of the stacked U) for every member of a unit."""
+    row = 0
+    for name in unit:
+        module = model.get_submodule(name)
+        yield name, module, u[row : row + module.out_features].contiguous()
+        row += module.out_features
+
+
 def _groups(model, config: ShareConfig) -> list[tuple[str, ...]]:
     arch = arch_for(model.config)
     chosen = compressible_linears(model, config.targets)
@@ -124,21 +145,11 @@ def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress:
                 reports.append(kept)
             continue
         u, v = truncate(p, s, right, rank, dtype)
-        projection = Projection(v)
-        name_of_v = None
-        if len(group) > 1:
-            name_of_v = shared_name(group)
-            model.set_submodule(name_of_v, projection)
-            # the shared V is reported once, as its own row
-            what = "shared projection" if config.across_layers == 1 else "projection shared across layers (storage only: computed per layer)"
-            reports.append(LayerReport(name_of_v, "share", what, 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0))
-        row = 0
-        for name, linear in zip(group, linears):
-            rows = slice(row, row + linear.out_features)
-            row += linear.out_features
-            new = CompressedLinear(
-                linear.in_features, linear.out_features, None, u[rows].contiguous(), projection, name_of_v, linear.bias
-            )
+        what = "shared projection" if config.across_layers == 1 else "projection shared across layers (storage only: computed per layer)"
+        projection, name_of_v, rows = attach_projection(model, group, v, "share", what)
+        reports += rows
+        for (name, linear, member_u) in member_rows(model, group, u):
+            new = CompressedLinear(linear.in_features, linear.out_features, None, member_u, projection, name_of_v, linear.bias)
             err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
             replace_linear(model, name, new)
             reports.append(LayerReport.compare(name, linear, new, err, seconds / len(group), step="share"))
