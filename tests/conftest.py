@@ -134,3 +134,16 @@ def calib_text(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n")
     return path
+
+
+def assert_reload_bit_exact(model, input_ids, directory):
+    """Save `model` in the safetensors layout, load it back, and check the logits are identical."""
+    from factorport.formats import safetensors_dir
+
+    with torch.no_grad():
+        before = model(input_ids).logits
+    safetensors_dir.save(model, None, directory)
+    loaded, _ = safetensors_dir.load(directory)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, before)
+    return loaded

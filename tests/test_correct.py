@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_reload_bit_exact
 
 from factorport.converters import CorrectConfig, QuantizeConfig, apply
 from factorport.converters.ranks import RankPolicy
 from factorport.converters.share import shared_name
 from factorport.errors import FactorportError
-from factorport.formats import safetensors_dir
 from factorport.ops import CompressedLinear
 
 QKV = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
@@ -62,12 +62,7 @@ def test_budget_is_selective_and_respected(llama, stats_for):
 
 def test_corrected_model_round_trips(llama, stats_for, input_ids, tmp_path):
     _run(llama, stats_for(llama), shared=True, ranks=RankPolicy(rank=4))
-    with torch.no_grad():
-        before = llama(input_ids).logits
-    safetensors_dir.save(llama, None, tmp_path)
-    loaded, _ = safetensors_dir.load(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids).logits, before)
+    assert_reload_bit_exact(llama, input_ids, tmp_path)
 
 
 def test_correct_without_a_base_is_refused(llama, stats_for):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_reload_bit_exact
 
 from factorport.converters import CorrectConfig, SparsifyConfig, apply
 from factorport.converters.ranks import RankPolicy
 from factorport.converters.sparsify import sparse_base
 from factorport.errors import FactorportError
-from factorport.formats import safetensors_dir
 from factorport.ops import BlockSparseBase, QuantizedBase
 
 UP = "model.layers.0.mlp.up_proj"
@@ -72,12 +72,7 @@ def test_gqsa_quantized_kept_blocks_round_trip(llama, stats_for, input_ids, tmp_
     _sparsify(llama, stats_for(llama), block_cols=32, density=0.5, bits=4, group_size=32)
     base = llama.get_submodule(UP).base
     assert isinstance(base.values, QuantizedBase) and base.values.qspec.bits == 4
-    with torch.no_grad():
-        before = llama(input_ids).logits
-    safetensors_dir.save(llama, None, tmp_path)
-    loaded, _ = safetensors_dir.load(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids).logits, before)
+    assert_reload_bit_exact(llama, input_ids, tmp_path)
 
 
 def test_wanda_beats_magnitude_on_calibration_error(llama, stats_for):
