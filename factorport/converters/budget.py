@@ -28,7 +28,7 @@ from ..ops import CompressedLinear, QuantizedBase, QuantSpec
 from .calibration import CalibrationStats
 from .correct import CorrectConfig, _units
 from .factorize import input_transform, svd_of, truncate
-from .quantize import gptq
+from .quantize import QuantizeConfig, gptq
 from .report import LayerReport, module_bytes, output_error
 from .share import attach_projection, member_rows
 from .targets import compressible_linears, replace_linear
@@ -72,8 +72,8 @@ def check_budget(model, config: BudgetConfig) -> None:
 
 
 def _quantize(weight, spec: QuantSpec, config: BudgetConfig, xtx) -> QuantizedBase:
-    if config.method == "gptq":
-        return gptq(weight, xtx, spec, 0.01, 128)
+    if config.method == "gptq":  # with the quantize step's GPTQ defaults
+        return gptq(weight, xtx, spec, QuantizeConfig.damping, QuantizeConfig.block_size)
     return QuantizedBase.from_weight(weight, spec)
 
 

@@ -13,7 +13,7 @@ attention sink, which most heads attend to, and steps may weight it more
 
 from __future__ import annotations
 
-
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -115,8 +115,6 @@ def token_sequences(tokenizer, source: str, samples: int, seq_len: int) -> list[
 @torch.inference_mode()
 def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
     """Run the calibration text through `model` and collect XᵀX for every linear input."""
-    import time
-
     start = time.perf_counter()
     arch = arch_for(model.config)
     sequences = token_sequences(tokenizer, config.source, config.samples, config.seq_len)
