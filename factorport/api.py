@@ -4,6 +4,8 @@
     out = factorport.convert(None, recipe="w4-gptq", output="out/w4")   # embedded model
     model, tokenizer = factorport.load(out)                               # a transformers model
     factorport.evaluate(out)                                              # perplexity in torch
+    factorport.export(out, ["onnx", "gguf"])                              # add runtime artifacts
+    factorport.evaluate(out, backend="onnxruntime")                       # ... and run them
 
 Data flows one way: load -> calibrate -> convert -> write -> evaluate.
 """
@@ -17,11 +19,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 from . import __version__
 from .converters import CalibrationConfig, apply, calibrate, check
 from .errors import FactorportError
-from .formats import manifest, safetensors_dir
+from .formats import exporter, manifest, safetensors_dir
 from .formats.safetensors_dir import SUBDIR as SAFETENSORS
 from .formats.safetensors_dir import find_artifact
 from .loading import load_model
@@ -68,9 +71,15 @@ def convert(
     seq_len: int | None = None,
     force: bool = False,
     progress: bool = True,
+    formats: Sequence[str] = (),
+    export_options: dict[str, dict] | None = None,
 ) -> Path:
     """Compress `model` (None: the embedded default) with `recipe` and write
-    OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json."""
+    OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json,
+    plus OUTPUT/<format> for each of `formats` ("onnx", "gguf"), exported with
+    `export_options[format]`."""
+    formats = [f for f in formats if f != SAFETENSORS]
+    exporters = {name: exporter(name) for name in formats}  # unknown names fail before any work
     output = Path(output)
     refuse_existing(output, force)  # before any work
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
@@ -99,6 +108,8 @@ def convert(
             "layers": [r.to_dict() for r in reports],
         }
         (tmp / "report" / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name, export_to in exporters.items():
+            _export_into(export_to, name, hf_model, tokenizer, tmp, (export_options or {}).get(name, {}), progress)
         manifest.write_manifest(
             tmp,
             {
@@ -107,6 +118,45 @@ def convert(
                 "recipe": {"name": recipe.name, "text": recipe.text},
             },
         )
+    return output
+
+
+def _export_into(export_to, name: str, model, tokenizer, output: Path, options: dict, progress: bool) -> None:
+    if progress:
+        print(f"factorport: exporting {name} to {output.name}/{name}")
+    (output / name).mkdir()
+    report = export_to(model, tokenizer, output / name, progress=progress, **options)
+    (output / "report").mkdir(exist_ok=True)
+    (output / "report" / f"export-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def export(
+    path: str | Path,
+    formats: Sequence[str],
+    force: bool = False,
+    progress: bool = True,
+    export_options: dict[str, dict] | None = None,
+) -> Path:
+    """Add OUTPUT/<format> for each of `formats` to an existing factorport
+    output, from its safetensors artifact; the manifest is re-hashed."""
+    output = Path(path)
+    if find_artifact(output) is None or not (output / SAFETENSORS).is_dir():
+        raise FactorportError(f"{output} is not a factorport output directory (no {SAFETENSORS}/); convert first")
+    problems = manifest.verify_manifest(output)
+    if problems:
+        raise FactorportError(f"{output} does not match its manifest ({problems[0]}); re-convert it")
+    exporters = {name: exporter(name) for name in formats if name != SAFETENSORS}
+    for name in exporters:
+        refuse_existing(output / name, force)
+    model, tokenizer = load(output)
+    for name, export_to in exporters.items():
+        with staged_output(output / name, force) as tmp:
+            if progress:
+                print(f"factorport: exporting {name} to {output}/{name}")
+            report = export_to(model, tokenizer, tmp, progress=progress, **(export_options or {}).get(name, {}))
+        (output / "report").mkdir(exist_ok=True)
+        (output / "report" / f"export-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest.refresh_manifest(output)
     return output
 
 
@@ -126,15 +176,56 @@ def load_any(model_or_dir: str | None):
     return model, tokenizer
 
 
-def perplexity(model, tokenizer, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
-    from .validators.backends.torch_backend import TorchBackend
+def backend_perplexity(backend, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
+    """Perplexity through any backend, on windows cut by the backend's own tokenizer."""
     from .validators.perplexity import perplexity as ppl, text_windows
 
-    ids = text_windows(tokenizer, text or DEFAULT_TEXT, windows, seq_len)
-    return ppl(TorchBackend(model).logits, ids, progress=progress)
+    ids = text_windows(backend.tokenize, text or DEFAULT_TEXT, windows, seq_len)
+    return ppl(backend.logits, ids, progress=progress)
 
 
-def evaluate(model_or_dir: str | None = None, text=None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
-    """Perplexity in torch of a model name/path or a factorport artifact."""
-    model, tokenizer = load_any(model_or_dir)
-    return perplexity(model, tokenizer, text, windows, seq_len, progress)
+def perplexity(model, tokenizer, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
+    """Perplexity in torch of an in-memory model."""
+    from .validators.backends.torch_backend import TorchBackend
+
+    return backend_perplexity(TorchBackend(model, tokenizer), text, windows, seq_len, progress)
+
+
+def evaluate(
+    model_or_dir: str | None = None,
+    text=None,
+    windows: int = 40,
+    seq_len: int = 512,
+    progress: bool = True,
+    backend: str = "torch",
+    **options,
+) -> float:
+    """Perplexity of a model name/path (torch) or of a factorport output
+    through `backend` ("torch", "onnxruntime", "llama.cpp")."""
+    if backend == "torch" and (model_or_dir is None or find_artifact(model_or_dir) is None):
+        model, tokenizer = load_any(model_or_dir)
+        return perplexity(model, tokenizer, text, windows, seq_len, progress)
+    return backend_perplexity(open_output(model_or_dir, backend, **options), text, windows, seq_len, progress)
+
+
+def open_output(output: str | Path | None, backend: str = "torch", **options):
+    """Open a factorport output directory with one backend."""
+    from .validators.backends import open_backend
+
+    if output is None or find_artifact(output) is None:
+        raise FactorportError(f"{output} is not a factorport output directory; convert a model first")
+    output = Path(output)
+    if output.name == SAFETENSORS:  # accept the artifact directory itself
+        output = output.parent
+    return open_backend(backend, output, **options)
+
+
+def generate(output: str | Path, prompt: str, new_tokens: int = 64, backend: str = "torch", chat: bool = False, **options) -> str:
+    """Greedy continuation of `prompt` by a factorport output through `backend`.
+    With `chat`, the prompt is wrapped in the model's chat template first."""
+    runtime = open_output(output, backend, **options)
+    if chat:
+        _, tokenizer = load(output)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = runtime.tokenize(prompt)
+    return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)

@@ -10,6 +10,31 @@ from pathlib import Path
 from .errors import FactorportError
 
 
+def _formats(value: str) -> list[str]:
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def _export_options(args) -> dict[str, dict]:
+    """Per-format options from the flags (only those the user set)."""
+    options: dict[str, dict] = {"onnx": {}, "gguf": {}}
+    if args.densify_sparse:
+        options["onnx"]["densify_sparse"] = True
+    if args.gguf_type:
+        options["gguf"]["gguf_type"] = args.gguf_type
+    return options
+
+
+def _backend_options(args) -> dict:
+    options = {}
+    if args.threads:
+        options["threads"] = args.threads
+    if args.accuracy_level is not None:
+        if args.backend != "onnxruntime":
+            raise FactorportError("--accuracy-level applies to --backend onnxruntime only")
+        options["accuracy_level"] = args.accuracy_level
+    return options
+
+
 def _convert(args) -> None:
     from .api import convert
 
@@ -22,8 +47,23 @@ def _convert(args) -> None:
         seq_len=args.calib_seq_len,
         force=args.force,
         progress=not args.quiet,
+        formats=_formats(args.format),
+        export_options=_export_options(args),
     )
     print(f"factorport: wrote {out} (inspect it with 'factorport inspect {out}')")
+
+
+def _export(args) -> None:
+    from .api import export
+
+    out = export(args.path, _formats(args.format), force=args.force, progress=not args.quiet, export_options=_export_options(args))
+    print(f"factorport: wrote {', '.join(str(out / f) for f in _formats(args.format))}")
+
+
+def _generate(args) -> None:
+    from .api import generate
+
+    print(generate(args.path, args.prompt, args.new_tokens, backend=args.backend, chat=args.chat, **_backend_options(args)))
 
 
 def _eval(args) -> None:
@@ -32,8 +72,9 @@ def _eval(args) -> None:
     from .formats.safetensors_dir import find_artifact
 
     result = {"model": args.model or "embedded default", "windows": args.windows, "seq_len": 512}
-    result["perplexity"] = evaluate(args.model, args.text, args.windows, progress=not args.quiet)
-    print(f"perplexity ({args.model or 'embedded default'}): {result['perplexity']:.4f}")
+    result["backend"] = args.backend
+    result["perplexity"] = evaluate(args.model, args.text, args.windows, progress=not args.quiet, backend=args.backend, **_backend_options(args))
+    print(f"perplexity ({args.model or 'embedded default'}, {args.backend}): {result['perplexity']:.4f}")
     if args.model and find_artifact(args.model) is not None and not args.no_reference:
         manifest_dir = Path(args.model)
         if (manifest_dir / "manifest.json").exists():
@@ -56,6 +97,23 @@ def _inspect(args) -> None:
         print(format_table(summary))
 
 
+def _add_format_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--format",
+        default=default,
+        required=default is None,
+        help="comma-separated: safetensors (always written), onnx, gguf" + (f" (default {default})" if default else ""),
+    )
+    p.add_argument("--densify-sparse", action="store_true", help="ONNX: write block-sparse bases as dense weights")
+    p.add_argument("--gguf-type", help="GGUF: ggml type for tensors without a lossless mapping (e.g. Q8_0, Q4_K_M)")
+
+
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", help="torch (default), onnxruntime or llama.cpp")
+    p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="onnxruntime MatMulNBits: 0 fp32 compute, 4 int8 activations")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factorport", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,16 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_format_flags(p, default="safetensors")
     p.set_defaults(run=_convert)
 
-    p = sub.add_parser("eval", help="perplexity in torch (context 512, stride 512)")
+    p = sub.add_parser("export", help="add ONNX / GGUF artifacts to an existing factorport output")
+    p.add_argument("path", help="factorport output directory (holds safetensors/)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing exported artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_format_flags(p, default=None)
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("eval", help="perplexity (context 512, stride 512) in torch or a backend runtime")
     p.add_argument("model", nargs="?", help="factorport artifact, HF directory, .gguf or hub id")
+    _add_backend_flags(p)
     p.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
     p.add_argument("--windows", type=int, default=40, help="windows of 512 tokens (default 40)")
     p.add_argument("--no-reference", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt by a factorport output")
+    p.add_argument("path", help="factorport output directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_backend_flags(p)
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser("inspect", help="per-layer table of a factorport artifact")
     p.add_argument("path")

@@ -78,7 +78,11 @@ def _load_gguf(path: Path):
 
 def default_model_dir(progress: bool = True) -> Path:
     """The embedded model as an fp32 HF directory, converted on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL
+    import transformers
+
+    # Keyed by transformers' version: files saved by one version (the tokenizer
+    # config in particular) do not always load in another.
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-transformers-{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf()

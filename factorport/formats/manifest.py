@@ -44,6 +44,12 @@ def write_manifest(directory: Path, info: dict) -> dict:
     return manifest
 
 
+def refresh_manifest(directory: Path) -> dict:
+    """Re-hash every file after an artifact was added (factorport export)."""
+    info = {k: v for k, v in read_manifest(directory).items() if k not in ("packages", "files")}
+    return write_manifest(Path(directory), info)
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():

@@ -16,15 +16,16 @@ from tqdm import tqdm
 from ..errors import FactorportError
 
 
-
-def text_windows(tokenizer, path: str | Path, windows: int, seq_len: int = 512) -> list[torch.Tensor]:
+def text_windows(tokenize: Callable[[str], list[int]], path: str | Path, windows: int, seq_len: int = 512) -> list[torch.Tensor]:
+    """`tokenize(text)` is the runtime's own tokenizer (no special tokens):
+    each backend scores the text as it would cut it."""
     path = Path(path)
     if not path.is_file():
         raise FactorportError(f"evaluation text {path} does not exist; pass --text FILE")
     text = path.read_text(encoding="utf-8", errors="replace")
     # Tokenize only as much text as the windows need (4 characters a token is generous).
     need = windows * seq_len
-    ids = tokenizer(text[: need * 8], add_special_tokens=False)["input_ids"]
+    ids = tokenize(text[: need * 8])
     if len(ids) < seq_len:
         raise FactorportError(f"evaluation text {path} holds fewer than {seq_len} tokens; pass a longer text")
     count = min(windows, len(ids) // seq_len)

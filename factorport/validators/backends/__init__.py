@@ -1,1 +1,89 @@
-"""Runtimes behind one interface: load an artifact, return logits for a window."""
+"""Runtimes behind one interface.
+
+A backend opens one artifact of a factorport output directory and offers:
+
+* `tokenize(text)` -> token ids, with the runtime's own tokenizer;
+* `logits(ids)` -> (len(ids), vocab) float32 logits of one window, scored
+  without a cache (for perplexity and parity);
+* `generate(ids, new_tokens)` -> `Generation`: greedy continuation with the
+  runtime's KV cache, timed (prefill of the prompt, then each decoded token);
+* `load_seconds`: how long opening the artifact took.
+
+`BACKENDS` is the one table of backends: the artifact each one runs (a
+sub-directory of the output) and where its class lives, imported only when
+used so that a missing runtime breaks only its own backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from ...errors import FactorportError
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens only
+    prefill_seconds: float  # prompt in, first new token's logits out
+    decode_seconds: list[float] = field(default_factory=list)  # one per token after the first
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total > 0 else float("nan")
+
+
+class Backend(Protocol):
+    name: str
+    load_seconds: float
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def generate(self, ids: Sequence[int], new_tokens: int) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    artifact: str  # sub-directory of a factorport output that this backend runs
+    cls: str  # "module:Class", imported lazily
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend"),
+    "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend"),
+    "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend"),
+}
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise FactorportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].cls.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def available_backends(output: str | Path) -> list[str]:
+    """Backends whose artifact exists in a factorport output directory."""
+    return [name for name, entry in BACKENDS.items() if (Path(output) / entry.artifact).is_dir()]
+
+
+def open_backend(name: str, output: str | Path, **options) -> Backend:
+    """Open backend `name` on the artifact it runs inside factorport output `output`.
+    `options` are the backend's own (threads, accuracy_level, ...)."""
+    cls = backend_class(name)
+    artifact = Path(output) / BACKENDS[name].artifact
+    if not artifact.is_dir():
+        raise FactorportError(
+            f"{output} has no {BACKENDS[name].artifact}/ artifact for backend {name}; "
+            f"write it with 'factorport export {output} --format {BACKENDS[name].artifact}'"
+        )
+    return cls.open(artifact, **options)
