@@ -20,7 +20,9 @@ def _export_options(args) -> dict[str, dict]:
     if args.densify_sparse:
         options["onnx"]["densify_sparse"] = True
     if args.gguf_type:
-        options["gguf"]["gguf_type"] = args.gguf_type
+        from .formats.gguf.codecs import check_type
+
+        options["gguf"]["gguf_type"] = check_type(args.gguf_type)  # fail before any work
     return options
 
 

@@ -1,0 +1,69 @@
+"""GGUF: files stock llama.cpp runs, plus factorport's own GGUF layout.
+
+`export(model, tokenizer, out_dir)` writes into `out_dir`:
+
+* `model.gguf`   — llama.cpp's architecture, tensor names and metadata; bases
+  losslessly in Q4_0 / Q4_1 / Q8_0 (or llama.cpp's own blocks), others
+  re-quantized to `gguf_type`;
+* `adapter.gguf` — the low-rank terms as a GGUF LoRA adapter (when any);
+* `model.factorport.gguf` — every factorport tensor as stored in the
+  safetensors layout (factorized and shared tensors stay factorized), which
+  factorport loads back exactly; stock llama.cpp does not run it.
+
+See docs/gguf.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import codecs
+from .model_file import plan_model
+from .names import gguf_arch
+from .native import NATIVE_FILE, load_native, write_native
+from .writer import write_adapter, write_model
+
+MODEL_FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"
+
+
+def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type: str | None = None) -> dict:
+    """Write the GGUF files of a compressed model into `out_dir` (empty, existing)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    type_name = codecs.check_type(gguf_type)
+    garch = gguf_arch(model.config)
+    if progress:
+        print(f"factorport: gguf: planning tensors (re-quantized tensors -> {type_name})")
+    plan = plan_model(model, type_name)
+    name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+    tokenizer_how = write_model(out_dir / MODEL_FILE, plan, model, tokenizer, garch, str(name))
+    if plan.lora:
+        write_adapter(out_dir / ADAPTER_FILE, plan, garch)
+    if progress:
+        print(f"factorport: gguf: wrote {MODEL_FILE}" + (f" and {ADAPTER_FILE} ({len(plan.lora) // 2} LoRA pairs)" if plan.lora else ""))
+    write_native(out_dir / NATIVE_FILE, model, tokenizer)
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    return {
+        "format": "gguf",
+        "architecture": garch.name,
+        "gguf_type": type_name,
+        "files": files,
+        "tensor_types": dict(Counter(t.type_name for t in plan.tensors)),
+        "tokenizer": tokenizer_how,
+        "requantized": plan.requantized,
+        "multiplied_out": plan.multiplied_out,
+        "adapter": None if not plan.lora else {
+            "pairs": len(plan.lora) // 2,
+            "bytes": files[ADAPTER_FILE],
+            "duplicated_shared_v": plan.duplicated_v,
+            "note": "llama.cpp has no shared-input LoRA: a shared V is written once per member",
+        },
+        "native": f"{NATIVE_FILE}: factorport's own layout (architecture 'factorport'); stock llama.cpp does not run it",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+__all__ = ["ADAPTER_FILE", "MODEL_FILE", "NATIVE_FILE", "export", "load_native"]

@@ -1,0 +1,138 @@
+"""GGUF key/values of a model file: llama.cpp's hyper-parameters and the
+tokenizer (vocabulary, merges, special ids, chat template).
+
+Tokenizer, three cases:
+* the vocabulary of the embedded SmolLM2 sample: its GGUF's tokenizer keys are
+  copied as they are (exact, including llama.cpp's pre-tokenizer name);
+* another Hugging Face BPE tokenizer: tokens, merges and special ids from its
+  tokenizer.json, with llama.cpp's "default" (GPT-2) pre-tokenizer;
+* no tokenizer (tiny test models): a byte-level vocabulary, token i = byte i.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from ...errors import FactorportError
+from .names import GGUFArch
+
+CONTEXT_DEFAULT = 2048
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+
+def hparams(config, garch: GGUFArch) -> dict:
+    """The `{arch}.*` keys llama.cpp reads to build the graph."""
+    a = garch.name
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    meta = {
+        "general.architecture": a,
+        f"{a}.block_count": config.num_hidden_layers,
+        f"{a}.context_length": getattr(config, "max_position_embeddings", None) or CONTEXT_DEFAULT,
+        f"{a}.embedding_length": config.hidden_size,
+        f"{a}.feed_forward_length": config.intermediate_size,
+        f"{a}.attention.head_count": heads,
+        f"{a}.attention.head_count_kv": getattr(config, "num_key_value_heads", None) or heads,
+        f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        f"{a}.rope.freq_base": float(getattr(config, "rope_theta", 10000.0)),
+        f"{a}.rope.dimension_count": head_dim,
+        f"{a}.vocab_size": config.vocab_size,
+    }
+    if head_dim != config.hidden_size // heads:
+        meta[f"{a}.attention.key_length"] = head_dim
+        meta[f"{a}.attention.value_length"] = head_dim
+    return meta
+
+
+@lru_cache(maxsize=1)
+def _embedded_fields():
+    """(tokens, [(key, value, types)]) of the embedded sample's tokenizer keys, or None."""
+    import gguf
+
+    from ...loading import embedded_gguf
+
+    try:
+        reader = gguf.GGUFReader(embedded_gguf())
+    except FactorportError:
+        return None
+    fields = [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+    tokens = next(v for k, v, _ in fields if k == "tokenizer.ggml.tokens")
+    return tokens, fields
+
+
+def _hf_tokens(tokenizer) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
+    """Write the tokenizer keys; returns which case was used (for the report)."""
+    if tokenizer is None:
+        _byte_vocab(writer, vocab_size)
+        return "byte-level (no tokenizer)"
+    tokens = _hf_tokens(tokenizer)
+    embedded = _embedded_fields()
+    if embedded is not None and tokens == list(embedded[0]):
+        for key, value, types in embedded[1]:
+            writer.add_key_value(key, value, types[0], sub_type=types[1] if len(types) > 1 else None)
+        return "copied from the embedded SmolLM2 GGUF"
+    _bpe_vocab(writer, tokenizer, tokens, vocab_size)
+    return "built from tokenizer.json (BPE, default pre-tokenizer)"
+
+
+def _byte_vocab(writer, vocab_size: int) -> None:
+    if vocab_size > 256:
+        raise FactorportError(f"a model without a tokenizer needs a vocabulary of at most 256 for GGUF, got {vocab_size}; save its tokenizer with it")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([_byte_symbol(b) for b in range(vocab_size)])
+    writer.add_token_types([NORMAL] * vocab_size)
+    # llama.cpp requires a merges list; one merge of two control bytes is inert
+    writer.add_token_merges([f"{_byte_symbol(0)} {_byte_symbol(1)}"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.add_add_bos_token(False)
+
+
+@lru_cache(maxsize=1)
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (printable ASCII maps to itself)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_symbol(b: int) -> str:
+    return _byte_symbols()[b]
+
+
+def _bpe_vocab(writer, tokenizer, tokens: list[str], vocab_size: int) -> None:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else None
+    if spec is None or spec.get("model", {}).get("type") != "BPE":
+        raise FactorportError("GGUF export needs a fast BPE tokenizer (tokenizer.json); this tokenizer is not one")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    special = {t["id"]: t for t in spec.get("added_tokens", [])}
+    types = [CONTROL if special.get(i, {}).get("special") else USER_DEFINED if i in special else NORMAL for i in range(len(tokens))]
+    pad = vocab_size - len(tokens)  # the embedding may be larger than the vocabulary
+    tokens = tokens + [f"[PAD{i}]" for i in range(pad)]
+    types = types + [USER_DEFINED] * pad
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)

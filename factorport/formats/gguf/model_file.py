@@ -1,0 +1,191 @@
+"""The tensors of `model.gguf` (what stock llama.cpp runs) and of
+`adapter.gguf` (the low-rank terms as a LoRA adapter), planned from a
+compressed model.
+
+Per linear `y = base(x) + U·(V·x)`:
+* the base goes into model.gguf: losslessly where its grid is a ggml type,
+  else re-quantized to `gguf_type` (and the error growth is recorded);
+* with a base, U·V goes into the adapter (lora_a = V, lora_b = U); a V shared
+  by several linears is written once per member (llama.cpp has no
+  shared-input LoRA);
+* without a base (pure factorization), U·V is multiplied out and quantized
+  like a dense weight; so is a low-rank term on the output projection /
+  token embedding, which llama.cpp's LoRA does not cover.
+q/k rows (weights, lora_b, biases) are put in llama.cpp's rotary order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...architectures import arch_for, linear_names
+from ...ops import CompressedLinear, TiedEmbedding
+from ...ops.ggml import llamacpp_quantize
+from . import codecs
+from .metadata import hparams
+from .names import NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, gguf_arch, linear_tensor, row_order
+
+
+@dataclass
+class Tensor:
+    name: str
+    data: np.ndarray  # float arrays, or raw blocks (rows, row_bytes) uint8
+    type_name: str  # ggml type
+
+
+@dataclass
+class Plan:
+    tensors: list[Tensor] = field(default_factory=list)
+    lora: list[Tensor] = field(default_factory=list)
+    requantized: list[dict] = field(default_factory=list)
+    multiplied_out: list[str] = field(default_factory=list)
+    duplicated_v: dict[str, list[str]] = field(default_factory=dict)  # shared group -> adapter tensors
+
+
+@dataclass
+class _Pending:
+    """A dense weight waiting to be quantized to the user's type."""
+
+    name: str
+    weight: np.ndarray  # float32, rows already in GGUF order
+    source: str  # what it was (for the report)
+
+
+def _rows(a: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    return a if order is None else np.ascontiguousarray(a[order])
+
+
+def _float32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def _lora_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    if t.dtype == torch.float16:
+        return t.detach().contiguous().numpy(), "F16"
+    return _float32(t), "F32"
+
+
+def _base_source(module) -> str:
+    if isinstance(module, nn.Linear):
+        return "dense"
+    base = module.base
+    if base is None:
+        return "low-rank only (multiplied out)"
+    spec = base.spec()
+    if spec["kind"] == "quantized":
+        return f"int{spec['bits']} {'sym' if spec['symmetric'] else 'asym'} g{spec['group_size']}"
+    return spec["kind"]
+
+
+class Planner:
+    def __init__(self, model, gguf_type: str) -> None:
+        self.model = model
+        self.config = model.config
+        self.arch = arch_for(model.config)
+        self.garch = gguf_arch(model.config)
+        self.gguf_type = gguf_type
+        self.plan = Plan()
+        self.pending: list[_Pending] = []
+        self.all_dense: dict[str, np.ndarray] = {}  # every 2-D tensor, for llama.cpp's type choice
+
+    def run(self) -> Plan:
+        embed = self.model.get_input_embeddings()
+        head = self.model.get_submodule(self.arch.lm_head)
+        # tied: one table serves lookup and logits (llama.cpp uses token_embd for both)
+        tied = isinstance(embed, TiedEmbedding) or getattr(head, "weight", None) is embed.weight
+        self._weight(TOKEN_EMBEDDING, head if isinstance(embed, TiedEmbedding) else embed, None, allow_lora=False)
+        layers = self.model.get_submodule(self.arch.layers)
+        for i, layer in enumerate(layers):
+            for rel, stem in NORM_STEMS.items():
+                self._float(f"blk.{i}.{stem}.weight", layer.get_submodule(rel).weight)
+        for name in linear_names(self.model, self.arch, include_lm_head=False):
+            module = self.model.get_submodule(name)
+            stem = linear_tensor(name, self.arch)
+            order = row_order(name, module.out_features, self.config, self.garch)
+            self._weight(f"{stem}.weight", module, order, allow_lora=True)
+            if module.bias is not None:
+                self._float(f"{stem}.bias", module.bias, order)
+        self._float(OUTPUT_NORM, self.model.get_submodule(self.arch.layers.rpartition(".")[0] + ".norm").weight)
+        if not tied:
+            self._weight(OUTPUT, head, None, allow_lora=False)
+        self._quantize_pending()
+        return self.plan
+
+    def _float(self, name: str, t: torch.Tensor, order=None) -> None:
+        self.plan.tensors.append(Tensor(name, _rows(_float32(t), order), "F32"))
+        self.all_dense[name] = self.plan.tensors[-1].data
+
+    def _weight(self, name: str, module, order, allow_lora: bool) -> None:
+        """The weight slot of one linear (or the embedding table)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            self._dense(name, _float32(module.weight), order, "dense")
+            return
+        base, has_lowrank = module.base, module.U is not None
+        if base is not None and (allow_lora or not has_lowrank) and codecs.lossless_type(base):
+            type_name, blocks = codecs.lossless_blocks(base)
+            self.plan.tensors.append(Tensor(name, _rows(blocks, order), type_name))
+            self.all_dense[name] = _rows(_float32(base.to_dense()), order)
+        elif base is not None and (allow_lora or not has_lowrank):
+            self._dense(name, _float32(base.to_dense()), order, _base_source(module))
+        else:  # no base, or a low-rank term llama.cpp cannot apply here: multiply out
+            self._dense(name, _float32(module.to_dense()), order, _base_source(module) if base is None else "base + low-rank (multiplied out)")
+            self.plan.multiplied_out.append(name)
+            return
+        if has_lowrank:
+            self._lora(name, module, order)
+
+    def _dense(self, name: str, weight: np.ndarray, order, source: str) -> None:
+        weight = _rows(weight, order)
+        self.all_dense[name] = weight
+        self.pending.append(_Pending(name, weight, source))
+
+    def _lora(self, name: str, module: CompressedLinear, order) -> None:
+        a, a_type = _lora_array(module.V.V)
+        b, b_type = _lora_array(module.U)
+        self.plan.lora.append(Tensor(f"{name}.lora_a", a, a_type))
+        self.plan.lora.append(Tensor(f"{name}.lora_b", _rows(b, order), b_type))
+        if module.shared_name is not None:
+            self.plan.duplicated_v.setdefault(module.shared_name, []).append(f"{name}.lora_a")
+
+    def _quantize_pending(self) -> None:
+        """Dense weights -> the user's type: numpy codecs, or llama.cpp's
+        quantizer for its K / IQ mixes (which pick per-tensor types)."""
+        if not self.pending:
+            return
+        if self.gguf_type in codecs.NUMPY_TYPES:
+            encoded = {p.name: (self.gguf_type, codecs.encode(p.weight, self.gguf_type)) for p in self.pending}
+        else:
+            try:
+                encoded = llamacpp_quantize(self.all_dense, hparams(self.config, self.garch), self.gguf_type)
+            except ValueError as exc:
+                from ...errors import FactorportError
+
+                raise FactorportError(str(exc)) from exc
+        for p in self.pending:
+            type_name, data = encoded[p.name]
+            error = _relative_error(codecs.decode(data, type_name), p.weight)
+            self.plan.tensors.append(Tensor(p.name, data, type_name))
+            self.plan.requantized.append({"tensor": p.name, "from": p.source, "to": type_name, "relative_error": error})
+        self.plan.tensors.sort(key=_tensor_key)
+
+
+def _relative_error(new: np.ndarray, reference: np.ndarray) -> float:
+    """‖new − reference‖² / ‖reference‖²: the error the re-quantization adds
+    to the weight the compressed torch model computes with."""
+    ref = reference.astype(np.float64)
+    return float(((new.astype(np.float64) - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
+
+
+def _tensor_key(t: Tensor):
+    """llama.cpp's usual order: embeddings, blocks by index, output."""
+    if t.name.startswith("blk."):
+        return (1, int(t.name.split(".")[1]), t.name)
+    return (0 if t.name == TOKEN_EMBEDDING else 2, 0, t.name)
+
+
+def plan_model(model, gguf_type: str) -> Plan:
+    return Planner(model, gguf_type).run()

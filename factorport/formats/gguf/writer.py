@@ -1,0 +1,79 @@
+"""Writing `model.gguf` and `adapter.gguf` from a `Plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ...ops.ggml import ggml_type
+from .metadata import add_tokenizer, hparams
+from .model_file import Plan, Tensor
+from .names import GGUFArch
+
+QUANTIZATION_VERSION = 2  # ggml's block layouts of Q4_0/Q4_1/Q8_0 (and K-quants) since 2023
+# llama.cpp scales a LoRA product by alpha / rank, or by 1 when alpha is 0:
+# 0 leaves every correction unscaled whatever each tensor's rank is.
+LORA_ALPHA_UNSCALED = 0.0
+
+
+def _add_tensor(writer, t: Tensor) -> None:
+    if t.data.dtype == np.uint8:
+        writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=ggml_type(t.type_name))
+    else:
+        writer.add_tensor(t.name, np.ascontiguousarray(t.data))
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_values(writer, values: dict) -> None:
+    for key, value in values.items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_string(key, str(value))
+
+
+def write_model(path: Path, plan: Plan, model, tokenizer, garch: GGUFArch, name: str) -> str:
+    """model.gguf; returns how the tokenizer was written."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch=garch.name)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    _add_values(writer, hparams(model.config, garch))
+    writer.add_quantization_version(QUANTIZATION_VERSION)
+    how = add_tokenizer(writer, tokenizer, model.config.vocab_size)
+    writer.add_string("factorport.requantized", json.dumps(plan.requantized))
+    writer.add_string("factorport.multiplied_out", json.dumps(plan.multiplied_out))
+    writer.add_bool("factorport.has_adapter", bool(plan.lora))
+    for t in plan.tensors:
+        _add_tensor(writer, t)
+    _finish(writer)
+    return how
+
+
+def write_adapter(path: Path, plan: Plan, garch: GGUFArch) -> None:
+    """adapter.gguf: llama.cpp computes W·x + B·(A·x) for every tensor pair."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch=garch.name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA_UNSCALED)
+    writer.add_string("factorport.duplicated_shared_v", json.dumps(plan.duplicated_v))
+    for t in plan.lora:
+        _add_tensor(writer, t)
+    _finish(writer)

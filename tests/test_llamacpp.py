@@ -1,0 +1,124 @@
+"""The llama.cpp backend on tiny random models: logits match the torch
+reference (llama tied / mistral untied / qwen2 with biases), the LoRA
+adapter applies U·(V·x) unscaled at any rank, greedy generation is timed,
+and bad files give one-line errors before llama.cpp sees them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from factorport.converters import apply
+from factorport.errors import FactorportError
+from factorport.formats import manifest, safetensors_dir
+from factorport.formats.gguf import MODEL_FILE, export
+from factorport.recipe import parse_recipe
+from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
+
+RECIPE = """
+name: t
+steps:
+  - quantize: {targets: [linears], bits: 4, group_size: 32, symmetric: false}
+  - correct: {targets: [linears], shared: %s, ranks: {ratio: %s}}
+"""
+
+
+def exported(model, out, gguf_type=None):
+    out.mkdir(parents=True, exist_ok=True)
+    export(model, None, out, progress=False, gguf_type=gguf_type)
+    return out
+
+
+@pytest.fixture
+def window():
+    return torch.arange(1, 41) % 128
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(ids.reshape(1, -1)).logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_llamacpp_logits_match_torch_and_the_adapter_closes_the_gap(make_model, stats_for, tmp_path, window, arch):
+    model = make_model(arch)
+    # per-linear EoRA with a ratio policy: ranks differ between tensors, so
+    # the adapter's unscaled alpha must hold for every rank
+    apply(model, parse_recipe(RECIPE % ("false", "0.2")).steps, stats_for(model), progress=False)
+    ranks = {m.rank for m in model.modules() if hasattr(m, "rank") and isinstance(getattr(m, "rank"), int)}
+    assert len(ranks) > 1
+    reference = torch_logits(model, window)
+    out = exported(model, tmp_path)
+    with_adapter = LlamaCppBackend.open(out)
+    without = LlamaCppBackend.open(out, adapter=False)
+    try:
+        error = (with_adapter.logits(window) - reference).abs().max().item()
+        error_base = (without.logits(window) - reference).abs().max().item()
+    finally:
+        with_adapter.close()
+        without.close()
+    scale = reference.abs().max().item()
+    assert error < 0.02 * scale, (error, scale)
+    assert error < error_base / 3  # the low-rank terms are applied, unscaled
+
+
+def test_generate_is_greedy_and_timed(make_model, tmp_path, window):
+    model = make_model("llama")
+    backend = LlamaCppBackend.open(exported(model, tmp_path, "F32"))
+    try:
+        result = backend.generate(window[:8].tolist(), 6)
+        ids = window[:8].tolist()
+        for token in result.tokens:  # each step is the argmax of a full re-scoring
+            assert token == int(backend.logits(torch.tensor(ids))[-1].argmax())
+            ids.append(token)
+    finally:
+        backend.close()
+    assert len(result.tokens) == 6 and len(result.decode_seconds) == 5
+    assert result.prefill_seconds > 0 and result.decode_tokens_per_second > 0 and backend.load_seconds > 0
+
+
+def test_truncated_model_is_refused_before_llamacpp(make_model, tmp_path):
+    out = exported(make_model("llama"), tmp_path)
+    data = (out / MODEL_FILE).read_bytes()
+    (out / MODEL_FILE).write_bytes(data[: len(data) - 1000])
+    with pytest.raises(FactorportError, match="truncated"):
+        LlamaCppBackend.open(out)
+
+
+def test_factorport_layout_is_not_handed_to_llamacpp(make_model, tmp_path):
+    out = exported(make_model("llama"), tmp_path)
+    with pytest.raises(FactorportError, match="llama.cpp does not run"):
+        LlamaCppBackend.open(out, model_file="model.factorport.gguf")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "factorport.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result, needle):
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith("factorport: error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_eval_generate_and_bad_input(make_model, tmp_path):
+    model = make_model("llama")
+    (tmp_path / "out" / "safetensors").mkdir(parents=True)
+    safetensors_dir.save(model, None, tmp_path / "out" / "safetensors")
+    exported(model, tmp_path / "out" / "gguf")
+    manifest.write_manifest(tmp_path / "out", {"source": {"name": "tiny", "kind": "directory", "path": "-"}})
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    result = cli("eval", str(tmp_path / "out"), "--backend", "llama.cpp", "--threads", "1", "--text", str(text), "--windows", "1", "--no-reference", "--quiet")
+    assert result.returncode == 0, result.stderr
+    ppl = float(result.stdout.split(":")[-1])
+    assert 1 < ppl < 1000
+    result = cli("generate", str(tmp_path / "out"), "--backend", "llama.cpp", "--prompt", "the fox", "--new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    one_line_error(cli("export", str(tmp_path / "out"), "--format", "gguf", "--gguf-type", "Q9_Z", "--force"), "unknown --gguf-type")
+    data = (tmp_path / "out" / "gguf" / MODEL_FILE).read_bytes()
+    (tmp_path / "out" / "gguf" / MODEL_FILE).write_bytes(data[:-64])
+    one_line_error(cli("eval", str(tmp_path / "out"), "--backend", "llama.cpp", "--text", str(text), "--windows", "1", "--no-reference"), "truncated")
