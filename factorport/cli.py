@@ -89,6 +89,95 @@ def _eval(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _validate(args) -> int:
+    from .api import DEFAULT_TEXT
+    from .validators.report import validation_junit, validation_markdown
+    from .validators.validate import ValidateConfig, validate, write_json
+
+    thresholds = {}
+    for item in args.threshold or []:
+        key, sep, value = item.partition("=")
+        try:
+            thresholds[key] = float(value)
+        except ValueError:
+            raise FactorportError(f"--threshold {item!r}: expected METRIC=NUMBER or BACKEND:METRIC=NUMBER") from None
+    options = {"onnxruntime": {}, "llama.cpp": {}}
+    if args.threads:
+        options = {name: {"threads": args.threads} for name in options}
+    config = ValidateConfig(
+        text=Path(args.text or DEFAULT_TEXT),
+        backends=_formats(args.backend) if args.backend else None,
+        windows=args.windows,
+        against=args.against,
+        thresholds=thresholds,
+        options=options,
+        progress=not args.quiet,
+    )
+    result = validate(args.path, config)
+    report = Path(args.path) / "report"
+    report.mkdir(exist_ok=True)
+    (report / "validation.md").write_text(validation_markdown(result))
+    write_json(result, report / "validation.json")
+    if args.json:
+        write_json(result, Path(args.json))
+    if args.junit:
+        Path(args.junit).write_text(validation_junit(result))
+    for label, entry in result["backends"].items():
+        print(f"{label}: perplexity {entry.get('perplexity', float('nan')):.4f}  top-1 {entry.get('top1_agreement', float('nan')):.4f}  "
+              f"mean KL {entry.get('mean_kl', float('nan')):.2e}  {'passed' if entry['passed'] else 'FAILED'}")
+    for failure in result["failures"]:
+        print(f"factorport: validation failed: {failure}", file=sys.stderr)
+    print(f"factorport: validation {'passed' if result['passed'] else 'FAILED'}; report in {report / 'validation.md'}")
+    return 0 if result["passed"] else 1
+
+
+def _bench(args) -> int:
+    from .api import DEFAULT_TEXT
+    from .formats.manifest import read_manifest
+    from .validators.bench import BenchConfig, bench, targets_for
+    from .validators.report import bench_markdown
+    from .validators.validate import write_json
+
+    output = Path(args.path)
+    source = read_manifest(output).get("source") or {}
+    model_name = args.against or (None if source.get("kind") == "default" else source.get("path"))
+    config = BenchConfig(
+        text=Path(args.text or DEFAULT_TEXT),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    targets = targets_for(output, _formats(args.backend) if args.backend else None, not args.no_anchors, model_name, not args.quiet)
+    result = bench(targets, config)
+    write_bench_reports(result, output / "report")
+    if args.json:
+        write_json(result, Path(args.json))
+    print(bench_markdown(result))
+    for run in result["runs"]:
+        if "error" in run:
+            print(f"factorport: bench failed: {run['label']} ({run['backend']}): {run['error']}", file=sys.stderr)
+    return 0 if result["passed"] else 1
+
+
+def write_bench_reports(result: dict, report: Path) -> None:
+    from .validators.plots import pareto_plot, speed_plot
+    from .validators.report import bench_markdown
+    from .validators.validate import write_json
+
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "bench.md").write_text(bench_markdown(result))
+    write_json(result, report / "bench.json")
+    (report / "plots").mkdir(exist_ok=True)
+    points = [
+        {"label": f"{r['label']} ({r['backend']})", "bytes": r["disk_bytes"], "perplexity": r["perplexity"], "anchor": r["anchor"]}
+        for r in result["runs"] if r.get("perplexity")
+    ]
+    pareto_plot(points, report / "plots" / "pareto.png")
+    speed_plot(result["runs"], report / "plots" / "decode_speed.png")
+
+
 def _inspect(args) -> None:
     from .formats.summary import format_table, inspect_artifact
 
@@ -157,6 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flags(p)
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser("validate", help="check every exported artifact against the torch reference")
+    p.add_argument("path", help="factorport output directory")
+    p.add_argument("--backend", help="comma-separated: onnxruntime, onnxruntime-int8, llama.cpp (default: every exported artifact)")
+    p.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
+    p.add_argument("--windows", type=int, default=8, help="windows of 512 tokens (default 8)")
+    p.add_argument("--against", help="the original model for the quality table (default: the manifest's source)")
+    p.add_argument("--threshold", action="append", metavar="[BACKEND:]METRIC=LIMIT", help="override a threshold (repeatable)")
+    p.add_argument("--threads", type=int, help="runtime threads")
+    p.add_argument("--json", help="also write the result JSON here")
+    p.add_argument("--junit", help="write JUnit XML here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_validate)
+
+    p = sub.add_parser("bench", help="load, prefill, decode speed and memory of every artifact, next to anchors")
+    p.add_argument("path", help="factorport output directory")
+    p.add_argument("--backend", help="comma-separated: torch, onnxruntime, onnxruntime-int8, llama.cpp (default: every exported artifact)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
+    p.add_argument("--text", help="prompt and perplexity text (default: WikiText-2 test)")
+    p.add_argument("--against", help="the original model the anchors are made from (default: the manifest's source)")
+    p.add_argument("--no-anchors", action="store_true", help="skip Optimum fp32 and llama.cpp's own quantization")
+    p.add_argument("--json", help="also write the result JSON here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_bench)
+
     p = sub.add_parser("inspect", help="per-layer table of a factorport artifact")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -167,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except FactorportError as exc:
         print(f"factorport: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("factorport: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     calibration: {samples: 128, seq_len: 512}     # optional
     steps:
       - quantize: {method: gptq, bits: 4, group_size: 64, symmetric: true}
+    validate: {thresholds: {"llama.cpp:top1_agreement": 0.95}}   # optional
 
 Every error names the recipe, the field and what is allowed. A recipe is
 given by a preset name (a file in samples/recipes/) or a path.
@@ -34,7 +35,7 @@ CHOICES = {
     "weighting": WEIGHTINGS,
     "factor_dtype": (None, "float32", "float16", "bfloat16"),
 }
-TOP_LEVEL = ("name", "description", "calibration", "steps")
+TOP_LEVEL = ("name", "description", "calibration", "steps", "validate")
 CALIBRATION_KEYS = {"samples": int, "seq_len": int}
 
 
@@ -45,6 +46,7 @@ class Recipe:
     description: str = ""
     calibration: dict = field(default_factory=dict)
     text: str = ""  # the YAML as given, kept in the manifest
+    thresholds: dict[str, float] = field(default_factory=dict)  # `factorport validate` overrides
 
     @property
     def needs_calibration(self) -> bool:
@@ -99,7 +101,24 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
             raise FactorportError(f"{where}: steps[{i}]: unknown step '{kind}'; steps: {', '.join(STEPS)}")
         config_type = STEPS[kind].config
         parsed.append((kind, _build(config_type, options or {}, f"{where}: steps[{i}].{kind}")))
-    return Recipe(name, parsed, str(data.get("description", "")), calibration, text)
+    thresholds = _thresholds(data.get("validate") or {}, where)
+    return Recipe(name, parsed, str(data.get("description", "")), calibration, text, thresholds)
+
+
+def _thresholds(validate, where: str) -> dict[str, float]:
+    from .validators.thresholds import METRICS
+
+    if not isinstance(validate, dict):
+        raise FactorportError(f"{where}: validate: expected a mapping like {{thresholds: {{top1_agreement: 0.99}}}}")
+    _check_keys(validate, ("thresholds",), f"{where}: validate")
+    thresholds = validate.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise FactorportError(f"{where}: validate.thresholds: expected a mapping of metric to limit")
+    for key, value in thresholds.items():
+        if str(key).rpartition(":")[2] not in METRICS:
+            raise FactorportError(f"{where}: validate.thresholds.{key}: unknown metric; use {', '.join(METRICS)}, optionally as 'backend:metric'")
+        thresholds[key] = _check_type(value, float, f"{where}: validate.thresholds.{key}")
+    return thresholds
 
 
 def _check_keys(data: dict, allowed, where: str) -> None:

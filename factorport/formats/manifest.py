@@ -11,6 +11,8 @@ from pathlib import Path
 from ..errors import FactorportError
 
 MANIFEST = "manifest.json"
+# Written by `validate` / `bench` after the artifact: measurements, not the artifact.
+UNHASHED = ("report/validation", "report/bench", "report/plots")
 PACKAGES = ("factorport", "torch", "transformers", "safetensors", "gguf", "onnx", "onnxruntime", "llama_cpp_python")
 
 
@@ -37,7 +39,7 @@ def write_manifest(directory: Path, info: dict) -> dict:
     files = {
         str(p.relative_to(directory)): sha256(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and not str(p.relative_to(directory)).startswith(UNHASHED)
     }
     manifest = {**info, "packages": package_versions(), "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,91 @@
+"""The baselines a user would otherwise pick, made from the same original
+model and cached: Optimum's fp32 ONNX export, and llama.cpp's own
+quantization (`llama_model_quantize`) at a named type. Each is a directory a
+backend opens (`onnx` -> onnxruntime, `model.gguf` -> llama.cpp)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import FactorportError
+from ..loading import Source, cache_dir, embedded_gguf, load_model, resolve
+
+# Types `bench` picks the size-nearest anchor from.
+LLAMACPP_TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
+
+
+def _anchor_dir(source: Source, name: str) -> Path:
+    import transformers
+
+    return cache_dir() / "anchors" / f"{source.name}-transformers-{transformers.__version__}" / name
+
+
+def _build(target: Path, make, progress: bool) -> Path:
+    """Run `make(tmp_dir)` into a temporary directory renamed to `target` when done."""
+    if target.is_dir():
+        return target
+    if progress:
+        print(f"factorport: building anchor {target.name} once (cached in {target.parent})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        make(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
+    """Optimum's own fp32 export (text-generation-with-past) of the original model."""
+    source = resolve(model_name)
+
+    def make(tmp: Path) -> None:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        model, tokenizer, _ = load_model(model_name)
+        onnx_export_from_model(model, tmp, task="text-generation-with-past", do_validation=False)
+        tokenizer.save_pretrained(tmp)
+
+    return _build(_anchor_dir(source, "optimum-fp32"), make, progress)
+
+
+def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = True) -> Path:
+    """llama.cpp's `llama_model_quantize` of the original model at `ggml_type`."""
+    import llama_cpp
+
+    source = resolve(model_name)
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ggml_type}", None)
+    if ftype is None:
+        raise FactorportError(f"llama.cpp has no quantization type {ggml_type!r}; try one of {', '.join(LLAMACPP_TYPES)}")
+
+    def make(tmp: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.allow_requantize = True  # the embedded sample is itself Q4_1: dequantized exactly, then quantized
+        params.nthread = os.cpu_count() or 1
+        status = llama_cpp.llama_model_quantize(str(_source_gguf(source, tmp)).encode(), str(tmp / "model.gguf").encode(), ctypes.byref(params))
+        if status != 0:
+            raise FactorportError(f"llama.cpp could not quantize {source.name} to {ggml_type} (status {status})")
+        shutil.rmtree(tmp / "source", ignore_errors=True)
+
+    return _build(_anchor_dir(source, f"llama.cpp-{ggml_type}"), make, progress)
+
+
+def _source_gguf(source: Source, scratch: Path) -> Path:
+    """A GGUF of the original weights: the source file itself when it is one
+    (llama.cpp re-quantizes from its exact dequantized values), else an F32
+    GGUF written by factorport's exporter."""
+    if source.kind in ("default", "gguf"):
+        return Path(source.path) if source.kind == "gguf" else embedded_gguf()
+    from ..formats import exporter
+
+    model, tokenizer, _ = load_model(source.path)
+    out = scratch / "source"
+    out.mkdir()
+    exporter("gguf")(model, tokenizer, out, progress=False)
+    return out / "model.gguf"

@@ -1,0 +1,200 @@
+"""`factorport bench`: load time, prefill latency, decode speed and peak
+memory of every artifact on its runtime, each in a fresh process so that
+memory figures do not mix, next to the anchors a user would otherwise pick
+and to each decode figure's memory-bandwidth bound.
+
+The worker (`python -m factorport.validators.bench ...`) opens one artifact,
+runs `repeats` x (prefill `prompt_tokens`, decode `new_tokens` greedily) and
+prints one JSON line; the parent collects medians and ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import FactorportError
+from .bandwidth import bytes_read_per_token, measure_bandwidth, weight_file_bytes
+
+SCHEMA_VERSION = "factorport.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    text: Path
+    prompt_tokens: int = 512
+    new_tokens: int = 64
+    repeats: int = 5
+    perplexity_windows: int = 4  # quality of each target, for the size/quality picture
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class Target:
+    """One thing to time: `artifact` is the directory `backend` opens."""
+
+    label: str
+    backend: str
+    artifact: Path
+    options: dict = field(default_factory=dict)
+    anchor: bool = False
+    note: str = ""
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark. VmHWM, not getrusage's
+    ru_maxrss, which a child inherits from its parent across exec on Linux."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(target: Target, config: BenchConfig) -> dict:
+    command = [
+        sys.executable, "-m", "factorport.validators.bench",
+        "--backend", target.backend, "--artifact", str(target.artifact),
+        "--options", json.dumps({**target.options, **({"threads": config.threads} if config.threads else {})}),
+        "--text", str(config.text), "--prompt-tokens", str(config.prompt_tokens),
+        "--new-tokens", str(config.new_tokens), "--repeats", str(config.repeats),
+        "--perplexity-windows", str(config.perplexity_windows),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exited {done.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench(targets: list[Target], config: BenchConfig) -> dict:
+    bandwidth = measure_bandwidth(threads=config.threads)
+    result = {
+        "schema": SCHEMA_VERSION,
+        "machine": {"bandwidth_bytes_per_s": bandwidth, "threads": config.threads},
+        "settings": {"prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens, "repeats": config.repeats, "text": str(config.text)},
+        "runs": [],
+    }
+    for target in tqdm(targets, desc="bench", unit="artifact", disable=not config.progress):
+        if config.progress:
+            tqdm.write(f"bench: {target.label} ({target.backend})")
+        started = time.perf_counter()
+        measured = run_worker(target, config)
+        read = bytes_read_per_token(target.artifact)
+        run = {
+            "label": target.label,
+            "backend": target.backend,
+            "artifact": str(target.artifact),
+            "anchor": target.anchor,
+            "note": target.note,
+            "options": target.options,
+            "disk_bytes": weight_file_bytes(target.artifact),
+            "bytes_read_per_token": read,
+            "bound_tokens_per_s": bandwidth / read,
+            "wall_seconds": time.perf_counter() - started,
+            **measured,
+        }
+        if "decode_tokens_per_s" in run:
+            run["fraction_of_bound"] = run["decode_tokens_per_s"]["median"] / run["bound_tokens_per_s"]
+        result["runs"].append(run)
+    result["passed"] = all("error" not in run for run in result["runs"])
+    return result
+
+
+def targets_for(output: Path, backends: list[str] | None, anchors: bool, model_name: str | None, progress: bool = True) -> list[Target]:
+    """Every artifact of a factorport output on its backend, then the anchors:
+    Optimum's fp32 ONNX export of the original model, and llama.cpp's own
+    quantization of it at the type nearest in size to the GGUF artifact."""
+    from .backends import BACKENDS, available_backends
+    from .validate import VARIANTS
+
+    # torch is the reference, not a deployment runtime: timed only when asked for.
+    names = backends or [b for b in available_backends(output) if b != "torch"]
+    targets = []
+    for name in names:
+        backend, options = VARIANTS.get(name, (name, {}))
+        if backend not in BACKENDS:
+            raise FactorportError(f"unknown backend {name!r}; choose from {', '.join([*BACKENDS, *VARIANTS])}")
+        artifact = output / BACKENDS[backend].artifact
+        if not artifact.is_dir():
+            raise FactorportError(f"{output} has no {BACKENDS[backend].artifact}/ artifact for backend {name}")
+        targets.append(Target(output.name, backend, artifact, options))
+    if not anchors:
+        return targets
+    from . import anchors as anchor_builds
+
+    if "onnxruntime" in names or not backends:
+        targets.append(Target("optimum fp32", "onnxruntime", anchor_builds.optimum_fp32(model_name, progress), anchor=True))
+    if "llama.cpp" in names or not backends:
+        size = weight_file_bytes(output / ("gguf" if (output / "gguf").is_dir() else "safetensors"))
+        candidates = {t: anchor_builds.llamacpp_quantized(model_name, t, progress) for t in anchor_builds.LLAMACPP_TYPES}
+        nearest = min(candidates, key=lambda t: abs(weight_file_bytes(candidates[t]) - size))
+        targets.append(Target(f"llama.cpp {nearest}", "llama.cpp", candidates[nearest], anchor=True, note=f"llama_model_quantize {nearest}, nearest in size"))
+    return targets
+
+
+def _worker(argv: list[str]) -> None:
+    """One artifact, one process: the numbers the parent aggregates."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--artifact", required=True)
+    parser.add_argument("--options", default="{}")
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--prompt-tokens", type=int, required=True)
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--repeats", type=int, required=True)
+    parser.add_argument("--perplexity-windows", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from .backends import backend_class
+
+    baseline = peak_rss_bytes()  # interpreter + libraries, before the model
+    runtime = backend_class(args.backend).open(Path(args.artifact), **json.loads(args.options))
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: args.prompt_tokens * 16]
+    prompt = runtime.tokenize(text)[: args.prompt_tokens]
+    if len(prompt) < args.prompt_tokens:
+        raise FactorportError(f"{args.text} holds fewer than {args.prompt_tokens} tokens")
+    runtime.generate(prompt[:16], 4)  # warm-up: first-call allocations, thread pools
+    prefill, decode = [], []
+    for _ in range(args.repeats):
+        generation = runtime.generate(prompt, args.new_tokens)
+        prefill.append(generation.prefill_seconds)
+        decode.append(generation.decode_tokens_per_second)
+    quality = None
+    if args.perplexity_windows:
+        from .perplexity import perplexity, text_windows
+
+        quality = perplexity(runtime.logits, text_windows(runtime.tokenize, args.text, args.perplexity_windows), progress=False)
+    print(json.dumps({
+        "perplexity": quality,
+        "load_seconds": runtime.load_seconds,
+        "prefill_seconds": summarize(prefill),
+        "decode_tokens_per_s": summarize(decode),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "baseline_rss_bytes": baseline,
+        "sample": runtime.detokenize(generation.tokens[:24]),
+    }))
+
+
+if __name__ == "__main__":
+    try:
+        _worker(sys.argv[1:])
+    except FactorportError as exc:
+        print(f"factorport: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,53 @@
+"""PNG plots for the report: the Pareto picture (perplexity vs bytes for
+every artifact and anchor) and decode speed per backend against its bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def pareto_plot(points: list[dict], path: Path) -> None:
+    """`points`: {label, bytes, perplexity, anchor}."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for point in points:
+        marker, color = ("s", "tab:gray") if point["anchor"] else ("o", "tab:blue")
+        ax.scatter(point["bytes"] / 1e6, point["perplexity"], marker=marker, color=color, s=40, zorder=3)
+        ax.annotate(point["label"], (point["bytes"] / 1e6, point["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("bytes on disk (MB)")
+    ax.set_ylabel("perplexity (WikiText-2 test, 512-token windows)")
+    ax.set_title("Quality vs size (circles: factorport artifacts, squares: anchors)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speed_plot(runs: list[dict], path: Path) -> None:
+    """Decode tokens/s per run (median, min–max) beside its bandwidth bound."""
+    runs = [r for r in runs if "decode_tokens_per_s" in r]
+    labels = [f"{r['label']}\n{r['backend']}" for r in runs]
+    medians = [r["decode_tokens_per_s"]["median"] for r in runs]
+    errors = [
+        [m - r["decode_tokens_per_s"]["min"] for m, r in zip(medians, runs)],
+        [r["decode_tokens_per_s"]["max"] - m for m, r in zip(medians, runs)],
+    ]
+    bounds = [r["bound_tokens_per_s"] for r in runs]
+    x = range(len(runs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(runs)), 4.8))
+    ax.bar([i - 0.2 for i in x], medians, width=0.4, yerr=errors, capsize=3, label="decode tok/s (median, min–max)",
+           color=["tab:gray" if r["anchor"] else "tab:blue" for r in runs])
+    ax.bar([i + 0.2 for i in x], bounds, width=0.4, label="bound: bandwidth / bytes read per token", color="none", edgecolor="tab:red", hatch="//")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Decode speed at batch 1 against its memory-bandwidth bound (gray: anchors)")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
