@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport convert --recipe svd-90 --output demo-out/svd-90 --force
-	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport inspect demo-out/svd-90
-	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport eval demo-out/svd-90
+	HF_HUB_OFFLINE=1 $(VENV)/bin/factorport demo --output demo-out --force
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -91,7 +91,7 @@ def _eval(args) -> None:
 
 def _validate(args) -> int:
     from .api import DEFAULT_TEXT
-    from .validators.report import validation_junit, validation_markdown
+    from .validators.report import validation_junit, write_validation_reports
     from .validators.validate import ValidateConfig, validate, write_json
 
     thresholds = {}
@@ -115,9 +115,7 @@ def _validate(args) -> int:
     )
     result = validate(args.path, config)
     report = Path(args.path) / "report"
-    report.mkdir(exist_ok=True)
-    (report / "validation.md").write_text(validation_markdown(result))
-    write_json(result, report / "validation.json")
+    write_validation_reports(result, report)
     if args.json:
         write_json(result, Path(args.json))
     if args.junit:
@@ -135,7 +133,7 @@ def _bench(args) -> int:
     from .api import DEFAULT_TEXT
     from .formats.manifest import read_manifest
     from .validators.bench import BenchConfig, bench, targets_for
-    from .validators.report import bench_markdown
+    from .validators.report import bench_markdown, write_bench_reports
     from .validators.validate import write_json
 
     output = Path(args.path)
@@ -161,21 +159,11 @@ def _bench(args) -> int:
     return 0 if result["passed"] else 1
 
 
-def write_bench_reports(result: dict, report: Path) -> None:
-    from .validators.plots import pareto_plot, speed_plot
-    from .validators.report import bench_markdown
-    from .validators.validate import write_json
+def _demo(args) -> int:
+    from .demo import run_demo
 
-    report.mkdir(parents=True, exist_ok=True)
-    (report / "bench.md").write_text(bench_markdown(result))
-    write_json(result, report / "bench.json")
-    (report / "plots").mkdir(exist_ok=True)
-    points = [
-        {"label": f"{r['label']} ({r['backend']})", "bytes": r["disk_bytes"], "perplexity": r["perplexity"], "anchor": r["anchor"]}
-        for r in result["runs"] if r.get("perplexity")
-    ]
-    pareto_plot(points, report / "plots" / "pareto.png")
-    speed_plot(result["runs"], report / "plots" / "decode_speed.png")
+    result = run_demo(args.output, force=args.force, repeats=args.repeats, progress=not args.quiet)
+    return 0 if result["validation"]["passed"] and result["bench"]["passed"] else 1
 
 
 def _inspect(args) -> None:
@@ -272,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result JSON here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("demo", help="convert the embedded model to every format, validate and bench it")
+    p.add_argument("--output", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--repeats", type=int, default=3, help="bench repeats (default 3)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_demo)
 
     p = sub.add_parser("inspect", help="per-layer table of a factorport artifact")
     p.add_argument("path")

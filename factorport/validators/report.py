@@ -3,6 +3,7 @@ written from the plain result dicts of `validate` and `bench`."""
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -102,3 +103,26 @@ def bench_markdown(result: dict) -> str:
     if notes:
         lines += ["", "Notes:"] + notes
     return "\n".join(lines) + "\n"
+
+
+def write_validation_reports(result: dict, report: Path) -> None:
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "validation.md").write_text(validation_markdown(result))
+    (report / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_bench_reports(result: dict, report: Path) -> None:
+    """bench.md, bench.json and the two plots under report/plots/."""
+    from .plots import pareto_plot, speed_plot
+
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "bench.md").write_text(bench_markdown(result))
+    (report / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (report / "plots").mkdir(exist_ok=True)
+    points = [
+        {"label": f"{r['label']} ({r['backend']})", "bytes": r["disk_bytes"], "perplexity": r["perplexity"], "anchor": r["anchor"]}
+        for r in result["runs"]
+        if r.get("perplexity")
+    ]
+    pareto_plot(points, report / "plots" / "pareto.png")
+    speed_plot(result["runs"], report / "plots" / "decode_speed.png")
