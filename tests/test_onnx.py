@@ -1,0 +1,220 @@
+"""ONNX export and the onnxruntime backend on tiny random models: each
+compressed operator keeps its form in the graph, the graph computes what the
+torch reference computes, and bad directories are refused in one line."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from factorport.converters import apply
+from factorport.errors import FactorportError
+from factorport.formats.onnx import export
+from factorport.formats.onnx import nbits
+from factorport.formats.onnx.runtime import DecoderSession
+from factorport.ops import QuantizedBase, QuantSpec
+from factorport.recipe import load_recipe
+from factorport.validators.backends.onnxruntime_backend import OnnxruntimeBackend
+from factorport.validators.backends.torch_backend import TorchBackend
+
+RECIPES = Path(__file__).resolve().parents[1] / "samples" / "recipes"
+
+
+def compressed(make_model, stats_for, recipe: str, arch: str = "llama"):
+    model = make_model(arch)
+    steps = load_recipe(str(RECIPES / f"{recipe}.yaml")).steps
+    apply(model, steps, stats_for(model), progress=False)
+    return model.eval()
+
+
+def exported(model, tmp_path: Path, name: str = "onnx", **options) -> tuple[Path, dict, onnx.ModelProto]:
+    out = tmp_path / name
+    out.mkdir()
+    report = export(model, None, out, progress=False, **options)
+    return out, report, onnx.load(str(out / "model.onnx"))
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
+
+
+def assert_parity(model, out: Path, ids, rtol: float = 1e-5) -> None:
+    expected = torch_logits(model, ids)
+    got = DecoderSession.open(out).logits(ids)
+    assert (got - expected).abs().max() <= rtol * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def nodes(graph: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in graph.graph.node if n.op_type == op]
+
+
+def ort_dequantized(weight: nbits.NBitsWeight) -> np.ndarray:
+    """The weight onnxruntime decodes: MatMulNBits applied to the identity."""
+    import onnxruntime as ort
+
+    inputs = ["A", "B", "S"] + (["Z"] if weight.zero_points is not None else [])
+    inits = [numpy_helper.from_array(weight.blob.numpy(), "B"), numpy_helper.from_array(weight.scales.numpy(), "S")]
+    if weight.zero_points is not None:
+        inits.append(numpy_helper.from_array(weight.zero_points.numpy(), "Z"))
+    node = helper.make_node(
+        "MatMulNBits", inputs, ["Y"], domain="com.microsoft",
+        K=weight.in_features, N=weight.out_features, bits=weight.bits, block_size=weight.block_size,
+    )
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, weight.in_features])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, weight.out_features])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    eye = np.eye(weight.in_features, dtype=np.float32)
+    return session.run(None, {"A": eye})[0].T
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (8, True), (4, False)])
+def test_matmulnbits_decodes_factorport_codes_exactly(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    weight = torch.randn(48, 128, generator=g) * torch.logspace(-2, 1, 128)
+    base = QuantizedBase.from_weight(weight, QuantSpec(bits=bits, group_size=32, symmetric=symmetric))
+    reference = base.to_dense().numpy()
+    decoded = ort_dequantized(nbits.from_base(base))
+    if symmetric:
+        assert np.array_equal(decoded, reference)
+    else:  # float zero point -minimum/scale: equal to float32 rounding (docs/onnx.md)
+        np.testing.assert_allclose(decoded, reference, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(reference).max())
+
+
+def test_quantized_linears_become_matmulnbits_with_shared_v_computed_once(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "glowq-w4")
+    out, report, graph = exported(model, tmp_path)
+    layers = model.config.num_hidden_layers
+    # every decoder linear int4 + lm_head int8, and the tied embedding reads the int8 codes
+    assert len(nodes(graph, "MatMulNBits")) == 7 * layers + 1
+    bits = Counter({a.name: a.i for a in n.attribute}["bits"] for n in nodes(graph, "MatMulNBits"))
+    assert bits == {4: 7 * layers, 8: 1}
+    assert len(nodes(graph, "GatherBlockQuantized")) == 1
+    # one MatMul per shared V (q/k/v and gate/up share; o and down have their own)
+    v_matmuls = [n for n in nodes(graph, "MatMul") if n.input[1].endswith(".v_t")]
+    assert len(v_matmuls) == 4 * layers == report["shared_projections"]
+    consumers = Counter(i for n in graph.graph.node for i in n.input)
+    fan_out = sorted(consumers[n.output[0]] for n in v_matmuls)
+    assert fan_out == [1] * (2 * layers) + [2] * layers + [3] * layers
+    # the low-rank term is two MatMuls, never a multiplied-out matrix
+    assert not [i for i in graph.graph.initializer if i.name.endswith("weight_t")]
+    assert_parity(model, out, input_ids[0])
+    assert report["parity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_factorized_and_biased_models_match_torch(make_model, stats_for, input_ids, tmp_path, arch):
+    model = compressed(make_model, stats_for, "svd-90", arch)
+    out, _, graph = exported(model, tmp_path)
+    assert not nodes(graph, "MatMulNBits")
+    assert_parity(model, out, input_ids[1])
+
+
+def test_asymmetric_bases_and_int8_fallback(make_model, stats_for, input_ids, tmp_path):
+    path = tmp_path / "asym.yaml"
+    path.write_text(
+        "name: asym\nsteps:\n"
+        "  - quantize: {targets: ['*.mlp.*'], method: rtn, bits: 4, group_size: 32, symmetric: false}\n"
+        "  - quantize: {targets: ['*.self_attn.*'], method: rtn, bits: 8, group_size: 32, symmetric: false}\n"
+    )
+    recipe = load_recipe(str(path))
+    model = make_model("llama")
+    apply(model, recipe.steps, None, progress=False)
+    out, _, graph = exported(model, tmp_path)
+    zero_pointed = [n for n in nodes(graph, "MatMulNBits") if len(n.input) == 4]
+    assert len(zero_pointed) == 3 * model.config.num_hidden_layers  # asymmetric int4 MLP
+    assert len(nodes(graph, "MatMulNBits")) == 3 * model.config.num_hidden_layers  # int8 asym: dense fallback
+    assert_parity(model, out, input_ids[0])
+
+
+def test_block_sparse_tiles_read_only_kept_blocks(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "gqsa-w4s50")
+    out, _, graph = exported(model, tmp_path, "sparse")
+    dense_out, _, dense_graph = exported(model, tmp_path, "dense", densify_sparse=True)
+
+    def nbits_bytes(g):
+        names = {n.input[1] for n in nodes(g, "MatMulNBits")}
+        return sum(numpy_helper.to_array(i).nbytes for i in g.graph.initializer if i.name in names)
+
+    assert len(nodes(dense_graph, "MatMulNBits")) == 7 * model.config.num_hidden_layers
+    assert len(nodes(graph, "MatMulNBits")) > len(nodes(dense_graph, "MatMulNBits"))
+    assert nbits_bytes(graph) * 2 == nbits_bytes(dense_graph)  # density 0.5: half the codes
+    assert_parity(model, out, input_ids[0])
+    assert_parity(model, dense_out, input_ids[0])
+
+
+def test_backend_generation_matches_torch_and_accuracy_level_4_runs(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "w8-rtn")
+    out, _, _ = exported(model, tmp_path)
+    prompt = input_ids[0].tolist()
+    ours = OnnxruntimeBackend.open(out, threads=1)
+    reference = TorchBackend(model).generate(prompt, 10)
+    generation = ours.generate(prompt, 10)
+    assert generation.tokens == reference.tokens
+    assert len(generation.decode_seconds) == 9 and generation.prefill_seconds > 0
+    # no cache vs cache: the last position's logits agree
+    assert ours.logits(torch.tensor(prompt)).argmax(-1)[-1].item() == generation.tokens[0]
+    int8 = OnnxruntimeBackend.open(out, accuracy_level=4)
+    expected = torch_logits(model, input_ids[0])
+    got = int8.logits(input_ids[0])
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_accuracy_level_is_written_on_every_matmulnbits(make_model, stats_for, tmp_path):
+    from factorport.formats.onnx.runtime import with_accuracy_level
+
+    model = compressed(make_model, stats_for, "w4-rtn")
+    _, _, graph = exported(model, tmp_path)
+    assert with_accuracy_level(graph, 4) == len(nodes(graph, "MatMulNBits")) > 0
+    assert {a.i for n in nodes(graph, "MatMulNBits") for a in n.attribute if a.name == "accuracy_level"} == {4}
+
+
+# --- bad input --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_export(make_model, stats_for, tmp_path):
+    model = compressed(make_model, stats_for, "w4-rtn")
+    out, _, _ = exported(model, tmp_path)
+    return out
+
+
+def test_missing_model_is_refused(tmp_path):
+    with pytest.raises(FactorportError, match="has no model.onnx"):
+        OnnxruntimeBackend.open(tmp_path)
+
+
+def test_truncated_model_is_refused(small_export):
+    path = small_export / "model.onnx"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(FactorportError, match="truncated"):
+        OnnxruntimeBackend.open(small_export)
+
+
+def test_external_data_outside_the_directory_is_refused(small_export, tmp_path):
+    model = onnx.load(str(small_export / "model.onnx"))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 1024)
+    onnx.save(model, str(small_export / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(str(small_export / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = "../secret.bin"
+    onnx.save(model, str(small_export / "model.onnx"))
+    with pytest.raises(FactorportError, match="outside the directory"):
+        OnnxruntimeBackend.open(small_export)
+    assert secret.read_bytes() == b"\0" * 1024
