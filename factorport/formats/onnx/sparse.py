@@ -22,6 +22,8 @@ quantized with groups inside blocks; float32 otherwise).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -43,7 +45,7 @@ def tiles_apply(base: BlockSparseBase) -> bool:
     values = base.values
     return (
         isinstance(values, QuantizedBase)
-        and nbits.supported(values.qspec)
+        and values.qspec.symmetric
         and base.block_shape[1] % values.qspec.group_size == 0
     )
 
@@ -67,6 +69,58 @@ class GatheredBlocks(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+@dataclass(frozen=True)
+class TilesShape:
+    """Non-tensor facts of a column-tiled base (what tracing passes as attributes)."""
+
+    block_cols: int
+    n_input_blocks: int
+    tile_blocks: tuple[int, ...]  # input block of each tile
+    tiles: tuple[nbits.NBitsShape, ...]
+    out_features: int
+    kept: int
+
+
+class ColumnTilesFunction(torch.autograd.Function):
+    """One traced node per linear; its symbolic emits the whole subgraph
+    (tracing thousands of small MatMulNBits one by one takes minutes)."""
+
+    @staticmethod
+    def forward(ctx, x, shape: TilesShape, order, *weights):
+        blocks = torch.split(x, shape.block_cols, dim=-1)
+        parts = []
+        for t, (j, tile) in enumerate(zip(shape.tile_blocks, shape.tiles)):
+            w = nbits.dequantize(weights[2 * t], weights[2 * t + 1], None, tile)
+            parts.append(blocks[j] @ w.to(x.dtype).T)
+        stacked = torch.cat(parts, dim=-1)[..., order]
+        return stacked.reshape(*x.shape[:-1], shape.out_features, shape.kept).sum(-1)
+
+    @staticmethod
+    def symbolic(g, x, shape: TilesShape, order, *weights):
+        sizes = g.op("Constant", value_t=torch.full((shape.n_input_blocks,), shape.block_cols, dtype=torch.int64))
+        blocks = g.op("Split", x, sizes, axis_i=-1, outputs=shape.n_input_blocks)
+        parts = []
+        for t, (j, tile) in enumerate(zip(shape.tile_blocks, shape.tiles)):
+            parts.append(
+                g.op(
+                    f"{nbits.MS_DOMAIN}::MatMulNBits",
+                    blocks[j],
+                    weights[2 * t],
+                    weights[2 * t + 1],
+                    K_i=tile.in_features,
+                    N_i=tile.out_features,
+                    bits_i=tile.bits,
+                    block_size_i=tile.block_size,
+                    accuracy_level_i=0,
+                )
+            )
+        stacked = g.op("Gather", g.op("Concat", *parts, axis_i=-1), order, axis_i=-1)
+        target = g.op("Constant", value_t=torch.tensor([0, 0, shape.out_features, shape.kept], dtype=torch.int64))
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        out = g.op("ReduceSum", g.op("Reshape", stacked, target), axes, keepdims_i=0)
+        return nbits._typed(out, x, shape.out_features)
+
+
 class ColumnTiles(nn.Module):
     """Per input block, one MatMulNBits over the rows that kept that block."""
 
@@ -74,47 +128,42 @@ class ColumnTiles(nn.Module):
         super().__init__()
         values: QuantizedBase = base.values
         spec = values.qspec
+        if not spec.symmetric:
+            raise ValueError("column tiles take symmetric codes (no zero points)")
         br, bc = base.block_shape
         kept = base.indices.shape[1]
-        n_input_blocks = base.in_features // bc
         groups_per_block = bc // spec.group_size
         codes = unpack(values.codes, spec.bits)  # (out, kept*bc)
         out = base.out_features
-        # (out, kept) -> which input block each compact block of each row reads
-        block_of = base.indices.long().repeat_interleave(br, dim=0)
-        self.block_cols = bc
-        self.tiles = nn.ModuleList()
-        self.tile_blocks: list[int] = []
-        position = torch.empty(out, kept, dtype=torch.long)  # where (row, b) lands in the concat
-        offset = 0
-        for j in range(n_input_blocks):
+        block_of = base.indices.long().repeat_interleave(br, dim=0)  # (out, kept): input block of each kept block
+        position = torch.empty(out, kept, dtype=torch.long)  # where (row, b) lands in the concatenation
+        weights, tile_blocks, tiles, offset = [], [], [], 0
+        for j in range(base.in_features // bc):
             row_ids, slot = (block_of == j).nonzero(as_tuple=True)
             if row_ids.numel() == 0:
                 continue
-            col = slot.unsqueeze(-1) * bc + torch.arange(bc)
-            tile_codes = codes[row_ids.unsqueeze(-1), col]
-            group = slot.unsqueeze(-1) * groups_per_block + torch.arange(groups_per_block)
-            scale = values.scale[row_ids.unsqueeze(-1), group]
-            minimum = None if values.minimum is None else values.minimum[row_ids.unsqueeze(-1), group]
-            packed = tile_codes.to(torch.uint8)
+            tile_codes = codes[row_ids.unsqueeze(-1), slot.unsqueeze(-1) * bc + torch.arange(bc)]
+            scale = values.scale[row_ids.unsqueeze(-1), slot.unsqueeze(-1) * groups_per_block + torch.arange(groups_per_block)]
             if spec.bits == 4:
+                packed = tile_codes.to(torch.uint8)
                 packed = packed[:, 0::2] | (packed[:, 1::2] << 4)
-            elif spec.symmetric:
+            else:
                 packed = tile_codes.to(torch.int8)
-            weight = nbits.from_codes(packed, scale, minimum, spec, bc)
-            self.tiles.append(nbits.NBitsMatMul(weight))
-            self.tile_blocks.append(j)
+            weight = nbits.from_codes(packed, scale, None, spec, bc)
+            weights += [weight.blob, weight.scales]
+            tiles.append(weight.shape)
+            tile_blocks.append(j)
             position[row_ids, slot] = offset + torch.arange(row_ids.numel())
             offset += row_ids.numel()
-        self.out_features = out
-        self.kept = kept
+        self.shape = TilesShape(bc, base.in_features // bc, tuple(tile_blocks), tuple(tiles), out, kept)
         self.register_buffer("order", position.reshape(-1))
+        for i, w in enumerate(weights):
+            self.register_buffer(f"tile{i // 2}_{'blob' if i % 2 == 0 else 'scales'}", w)
+        self._count = len(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = torch.split(x, self.block_cols, dim=-1)
-        parts = [tile(blocks[j]) for tile, j in zip(self.tiles, self.tile_blocks)]
-        stacked = torch.cat(parts, dim=-1)[..., self.order]
-        return stacked.reshape(*x.shape[:-1], self.out_features, self.kept).sum(-1)
+        weights = [getattr(self, f"tile{i // 2}_{'blob' if i % 2 == 0 else 'scales'}") for i in range(self._count)]
+        return ColumnTilesFunction.apply(x, self.shape, self.order, *weights)
 
 
 def densified(base: BlockSparseBase) -> nn.Module:
