@@ -73,16 +73,19 @@ def convert(
     progress: bool = True,
     formats: Sequence[str] = (),
     export_options: dict[str, dict] | None = None,
+    step_options: dict[str, dict] | None = None,
 ) -> Path:
     """Compress `model` (None: the embedded default) with `recipe` and write
     OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json,
     plus OUTPUT/<format> for each of `formats` ("onnx", "gguf"), exported with
-    `export_options[format]`."""
+    `export_options[format]`. `step_options[step]` overrides fields of every
+    recipe step of that name (e.g. {"correct": {"ranks": ...}})."""
     formats = [f for f in formats if f != SAFETENSORS]
     exporters = {name: exporter(name) for name in formats}  # unknown names fail before any work
     output = Path(output)
     refuse_existing(output, force)  # before any work
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    recipe = _override_steps(recipe, step_options or {})
     started = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
     check(hf_model, recipe.steps)
@@ -119,6 +122,16 @@ def convert(
             },
         )
     return output
+
+
+def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:
+    import dataclasses
+
+    present = {name for name, _ in recipe.steps}
+    if options.get("correct") and "correct" not in present:  # a budget nothing would spend
+        raise FactorportError(f"recipe {recipe.name} has no correct step to give an adapter budget to; pick a recipe with one")
+    steps = [(name, dataclasses.replace(cfg, **options[name]) if options.get(name) else cfg) for name, cfg in recipe.steps]
+    return dataclasses.replace(recipe, steps=steps)
 
 
 def _export_into(export_to, name: str, model, tokenizer, output: Path, options: dict, progress: bool) -> None:

@@ -26,6 +26,21 @@ def _export_options(args) -> dict[str, dict]:
     return options
 
 
+def _step_options(args) -> dict[str, dict]:
+    """Recipe-step fields from convert's flags: the llama.cpp type of a
+    `llamacpp` step, and the byte budget of a `correct` step (its adapter)."""
+    from .converters.ranks import RankPolicy
+
+    options: dict[str, dict] = {}
+    if args.adapter_budget is not None:
+        if args.adapter_budget <= 0:
+            raise FactorportError(f"--adapter-budget must be a positive number of MB, got {args.adapter_budget}")
+        options["correct"] = {"ranks": RankPolicy(budget={"added_bytes": args.adapter_budget * 1e6})}
+    if args.gguf_type:  # used by a recipe's llamacpp step, if it has one
+        options["llamacpp"] = {"type": args.gguf_type}
+    return options
+
+
 def _backend_options(args) -> dict:
     options = {}
     if args.threads:
@@ -51,6 +66,7 @@ def _convert(args) -> None:
         progress=not args.quiet,
         formats=_formats(args.format),
         export_options=_export_options(args),
+        step_options=_step_options(args),
     )
     print(f"factorport: wrote {out} (inspect it with 'factorport inspect {out}')")
 
@@ -206,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--adapter-budget", type=float, metavar="MB", help="bytes (MB) the recipe's correct step may add (the GGUF adapter)")
     _add_format_flags(p, default="safetensors")
     p.set_defaults(run=_convert)
 

@@ -12,6 +12,7 @@ from .budget import BudgetConfig, budget_, check_budget
 from .calibration import CalibrationConfig, CalibrationStats, calibrate
 from .correct import CorrectConfig, check_correct, correct_
 from .factorize import FactorizeConfig, check_factorize, factorize_
+from .llamacpp import LlamaCppConfig, check_llamacpp, llamacpp_
 from .quantize import QuantizeConfig, check_quantize, quantize_
 from .report import LayerReport
 from .share import ShareConfig, check_share, share_
@@ -33,6 +34,7 @@ STEPS = {
     "sparsify": Step(SparsifyConfig, sparsify_, check_sparsify),
     "correct": Step(CorrectConfig, correct_, check_correct, needs_originals=True),
     "budget": Step(BudgetConfig, budget_, check_budget),
+    "llamacpp": Step(LlamaCppConfig, llamacpp_, check_llamacpp),
 }
 
 

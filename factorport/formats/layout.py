@@ -6,6 +6,7 @@ Tensor names (prefix = the linear's module path, e.g. model.layers.0.mlp.up_proj
 
     {prefix}.base.weight                     dense base
     {prefix}.base.codes / .scale / .minimum  quantized base (minimum: asymmetric only)
+    {prefix}.base.blocks                     ggml base: llama.cpp's raw blocks (uint8)
     {prefix}.base.indices                    block-sparse base: kept block columns (int32)
     {prefix}.base.values.*                   block-sparse base: its compact dense/quantized values
     {prefix}.U                               low-rank U (out, rank)
@@ -92,6 +93,15 @@ def _build_base(spec: dict, tensors: dict, prefix: str, out_features: int, in_fe
         if not qspec.symmetric:
             minimum = _expect(_take(tensors, f"{prefix}.minimum"), groups, f"{prefix}.minimum")
         return QuantizedBase(codes, scale, minimum, qspec, in_features)
+    if kind == "ggml":
+        from ..ops.ggml import GGMLBase, row_bytes
+
+        try:
+            width = row_bytes(in_features, spec["type"])
+        except (KeyError, ValueError) as exc:
+            raise FactorportError(f"{prefix}: ggml type {spec.get('type')!r} does not fit rows of {in_features}; the file is corrupted") from exc
+        blocks = _expect(_take(tensors, f"{prefix}.blocks"), (out_features, width), f"{prefix}.blocks")
+        return GGMLBase(blocks, spec["type"], in_features)
     if kind == "block_sparse":
         br, bc = spec["block_shape"]
         kept = spec["blocks_per_row"]

@@ -29,8 +29,9 @@ MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
 
 
-def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type: str | None = None) -> dict:
-    """Write the GGUF files of a compressed model into `out_dir` (empty, existing)."""
+def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type: str | None = None, native: bool = True) -> dict:
+    """Write the GGUF files of a compressed model into `out_dir` (empty,
+    existing); `native=False` skips model.factorport.gguf."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     type_name = codecs.check_type(gguf_type)
@@ -44,7 +45,8 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
         write_adapter(out_dir / ADAPTER_FILE, plan, garch)
     if progress:
         print(f"factorport: gguf: wrote {MODEL_FILE}" + (f" and {ADAPTER_FILE} ({len(plan.lora) // 2} LoRA pairs)" if plan.lora else ""))
-    write_native(out_dir / NATIVE_FILE, model, tokenizer)
+    if native:
+        write_native(out_dir / NATIVE_FILE, model, tokenizer)
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return {
         "format": "gguf",
@@ -61,7 +63,7 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
             "duplicated_shared_v": plan.duplicated_v,
             "note": "llama.cpp has no shared-input LoRA: a shared V is written once per member",
         },
-        "native": f"{NATIVE_FILE}: factorport's own layout (architecture 'factorport'); stock llama.cpp does not run it",
+        "native": f"{NATIVE_FILE}: factorport's own layout (architecture 'factorport'); stock llama.cpp does not run it" if native else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -31,6 +31,7 @@ from ..layout import describe, rebuild
 from ..safetensors_dir import _is_tied_alias, _skeleton, state_tensors
 
 NATIVE_FILE = "model.factorport.gguf"
+SIDE_SUFFIXES = (".json", ".jinja", ".txt")
 ARCH = "factorport"
 # torch dtype -> (the dtype whose bits GGUF stores, its name)
 _STORED_AS = {torch.uint8: torch.int8, torch.bfloat16: torch.int16}
@@ -63,7 +64,9 @@ def _side_files(model, tokenizer) -> dict[str, str]:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+        # text files only: tokenizer.json carries a fast tokenizer; a tokenizer
+        # loaded from a GGUF also copies that GGUF, which is not needed again
+        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file() and p.suffix in SIDE_SUFFIXES}
 
 
 def _string(reader, key: str) -> str:

@@ -1,0 +1,81 @@
+"""End to end on the real SmolLM2-135M: a GlowQ model on Q4_0/Q8_0 grids
+(lossless in GGUF) runs in llama.cpp with its LoRA adapter, within 1% of the
+torch reference's perplexity, and factorport's own GGUF reloads bit-exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import factorport
+from factorport.converters import CalibrationConfig, apply, calibrate
+from factorport.formats.gguf import NATIVE_FILE, export, load_native
+from factorport.recipe import parse_recipe
+from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
+from factorport.validators.backends.torch_backend import TorchBackend
+from factorport.validators.perplexity import perplexity, text_windows
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+RECIPE = """
+name: glowq-q4_0
+steps:
+  - quantize: {targets: [linears], method: rtn, bits: 4, group_size: 32, symmetric: true}
+  - correct: {targets: ["model.layers.?.*"], shared: true, ranks: {rank: 16}}
+  - quantize: {targets: [lm_head], method: rtn, bits: 8, group_size: 32, symmetric: true}
+"""
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    model, tokenizer = factorport.api.load_any(None)
+    stats = calibrate(model, tokenizer, CalibrationConfig(str(DATA / "wiki.valid.tokens"), samples=8, seq_len=256), progress=False)
+    apply(model, parse_recipe(RECIPE).steps, stats, progress=False)
+    out = tmp_path_factory.mktemp("gguf")
+    report = export(model, tokenizer, out, progress=False)
+    return model, tokenizer, out, report
+
+
+@pytest.fixture(scope="module")
+def runs(artifact):
+    model, tokenizer, out, _ = artifact
+    with_adapter = LlamaCppBackend.open(out, threads=2)
+    windows = text_windows(with_adapter.tokenize, DATA / "wiki.test.raw", 3, 512)
+    torch_backend = TorchBackend(model, tokenizer)
+    results = {"torch": [torch_backend.logits(w) for w in windows], "llama.cpp": [with_adapter.logits(w) for w in windows]}
+    generated = with_adapter.detokenize(with_adapter.generate(with_adapter.tokenize("The capital of France is"), 12).tokens)
+    with_adapter.close()
+    without = LlamaCppBackend.open(out, threads=2, adapter=False)
+    results["no adapter"] = [without.logits(w) for w in windows]
+    without.close()
+    return windows, results, generated
+
+
+def test_every_base_is_lossless_and_corrections_go_to_the_adapter(artifact):
+    _, _, out, report = artifact
+    assert report["requantized"] == [] and report["multiplied_out"] == []
+    assert report["tensor_types"] == {"Q8_0": 1, "Q4_0": 210, "F32": 61}
+    assert report["adapter"]["pairs"] == 70 and report["tokenizer"].startswith("copied")
+
+
+def test_llamacpp_perplexity_within_one_percent_and_top1_agreement(runs):
+    windows, results, generated = runs
+    ppl = {name: perplexity(lambda w, it=iter(logits): next(it), windows, progress=False) for name, logits in results.items()}
+    assert abs(ppl["llama.cpp"] / ppl["torch"] - 1) < 0.01, ppl
+    agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(results["llama.cpp"], results["torch"])]).mean()
+    assert agree >= 0.97, float(agree)
+    gap = [sum((a - r).abs().mean() for a, r in zip(results[n], results["torch"])) for n in ("llama.cpp", "no adapter")]
+    assert gap[0] < gap[1] / 2  # the adapter moves llama.cpp onto the torch reference
+    assert "Paris" in generated, generated
+
+
+def test_factorport_gguf_round_trip_is_bit_exact(artifact):
+    model, tokenizer, out, _ = artifact
+    loaded, loaded_tokenizer = load_native(out / NATIVE_FILE)
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded_tokenizer("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]

@@ -1,0 +1,87 @@
+"""The `llamacpp` step: bases quantized by llama.cpp's own quantizer, copied
+byte for byte into model.gguf, corrected by a LoRA adapter that llama.cpp
+applies; the safetensors layout keeps the raw blocks."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_reload_bit_exact
+from factorport.converters import apply
+from factorport.errors import FactorportError
+from factorport.formats.gguf import MODEL_FILE, export
+from factorport.formats.gguf.names import rotary_row_order
+from factorport.ops.ggml import GGMLBase
+from factorport.recipe import load_recipe, parse_recipe
+from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
+
+STEPS = """
+name: t
+steps:
+  - llamacpp: {type: %s}
+  - correct: {targets: [linears], shared: false, ranks: {budget: {added_bytes: 6000}}}
+"""
+
+
+@pytest.fixture
+def converted(make_model, stats_for):
+    model = make_model("llama")
+    apply(model, parse_recipe(STEPS % "Q4_K_M").steps, stats_for(model), progress=False)
+    return model
+
+
+def test_every_target_gets_llamacpp_blocks(converted):
+    q = converted.model.layers[0].self_attn.q_proj
+    assert isinstance(q.base, GGMLBase) and isinstance(converted.lm_head.base, GGMLBase)
+    types = {m.base.type_name for m in converted.modules() if isinstance(getattr(m, "base", None), GGMLBase)}
+    assert types <= {"Q5_0", "Q8_0", "Q6_K", "Q4_K", "Q5_1", "Q4_0"} and len(types) > 1  # a mix, as llama.cpp picks
+    added = [m.rank * (m.in_features + m.out_features) * 2 for m in converted.modules() if isinstance(getattr(m, "base", None), GGMLBase)]
+    assert 0 < sum(added) <= 6000  # fp16 U and V: exactly what the adapter holds
+
+
+def test_blocks_are_copied_unchanged_and_llamacpp_runs_them_with_the_adapter(converted, tmp_path):
+    report = export(converted, None, tmp_path, progress=False)
+    assert report["requantized"] == []
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / MODEL_FILE).tensors}
+    q = converted.model.layers[1].self_attn.q_proj.base
+    stored = tensors["blk.1.attn_q.weight"]
+    assert stored.tensor_type.name == q.type_name
+    assert np.array_equal(np.array(stored.data).reshape(64, -1), q.blocks.numpy()[rotary_row_order(64, 4)])
+    ids = torch.arange(3, 43)
+    with torch.no_grad():
+        reference = converted(ids[None]).logits[0]
+    backend = LlamaCppBackend.open(tmp_path)
+    try:
+        error = (backend.logits(ids) - reference).abs().max().item()
+    finally:
+        backend.close()
+    assert error < 0.02 * reference.abs().max().item()
+
+
+def test_safetensors_layout_keeps_the_blocks(converted, input_ids, tmp_path):
+    loaded = assert_reload_bit_exact(converted, input_ids, tmp_path)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj.base, GGMLBase)
+
+
+def test_unknown_type_and_the_preset(make_model):
+    with pytest.raises(FactorportError, match="not a llama.cpp quantization type"):
+        from factorport.converters import check
+
+        check(make_model("llama"), parse_recipe(STEPS % "Q9_Z").steps)
+    recipe = load_recipe("glowq-llamacpp")
+    assert [name for name, _ in recipe.steps] == ["llamacpp", "correct"] and recipe.needs_calibration
+
+
+def test_convert_flags_set_the_llamacpp_type_and_the_adapter_budget():
+    from factorport.api import _override_steps
+    from factorport.cli import _step_options, build_parser
+
+    args = build_parser().parse_args(["convert", "--recipe", "glowq-llamacpp", "-o", "x", "--gguf-type", "Q3_K_M", "--adapter-budget", "2.5"])
+    recipe = _override_steps(load_recipe("glowq-llamacpp"), _step_options(args))
+    (_, quantize), (_, correct) = recipe.steps
+    assert quantize.type == "Q3_K_M" and correct.ranks.budget == {"added_bytes": 2.5e6}
+    with pytest.raises(FactorportError, match="no correct step"):
+        _override_steps(load_recipe("w4-rtn"), _step_options(args))
