@@ -35,7 +35,7 @@ class NBitsWeight:
 
     blob: torch.Tensor  # uint8 [N, n_blocks, blob_size]
     scales: torch.Tensor  # float32 [N * n_blocks]
-    zero_points: torch.Tensor | None  # float32 [N * n_blocks] (asymmetric int4 only)
+    zero_points: torch.Tensor | None  # float32 [N * n_blocks], or uint8 packed int4 [N * ceil(n_blocks/2)]
     in_features: int
     out_features: int
     bits: int
@@ -68,7 +68,12 @@ def dequantize(blob: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tens
     flat = blob.reshape(n, -1)
     codes = unpack(flat, 4) if shape.bits == 4 else flat.to(torch.int32)
     codes = codes.reshape(n, n_blocks, shape.block_size).float()
-    zero = zero_points.reshape(n, n_blocks, 1) if shape.has_zero_points else float(1 << (shape.bits - 1))
+    if not shape.has_zero_points:
+        zero = float(1 << (shape.bits - 1))
+    elif zero_points.dtype == torch.uint8:  # packed int4 zero points, (N, ceil(n_blocks/2)) bytes
+        zero = unpack(zero_points.reshape(n, -1), 4)[:, :n_blocks].float().reshape(n, n_blocks, 1)
+    else:
+        zero = zero_points.reshape(n, n_blocks, 1)
     return ((codes - zero) * scales.reshape(n, n_blocks, 1)).reshape(n, k)
 
 
@@ -187,3 +192,43 @@ class NBitsEmbedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return GatherBlockQuantizedFunction.apply(ids, self.table, self.table_scales, self.shape)
+
+
+def int8_as_two_int4(weight: NBitsWeight) -> tuple[NBitsWeight, NBitsWeight]:
+    """Symmetric int8 `s*q` as two int4 MatMulNBits whose sum is the same weight.
+
+    onnxruntime 1.32's 8-bit MatMulNBits has no float32-compute kernel: at
+    accuracy_level 0 it decodes the whole matrix on every call (the int8
+    lm_head ran 4x slower than fp32). With q + 128 = 16h + l (h, l in 0..15):
+    `s*q = (16s)*(h - 8) + s*(l - 0)`; both products are exact in float32
+    (fp16 scale times a 4-bit integer), so only the final addition rounds.
+    """
+    if weight.bits != 8 or weight.zero_points is not None:
+        raise ValueError("only symmetric int8 weights split into two int4 halves")
+    codes = weight.blob.reshape(weight.out_features, -1).to(torch.int32)  # q + 128
+    high, low = codes >> 4, codes & 0x0F
+
+    def packed(c: torch.Tensor) -> torch.Tensor:
+        c = c.to(torch.uint8)
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(weight.out_features, -1, weight.block_size // 2).contiguous()
+
+    common = dict(in_features=weight.in_features, out_features=weight.out_features, bits=4, block_size=weight.block_size)
+    high_part = NBitsWeight(packed(high), weight.scales * 16, None, **common)
+    # uint8 zero points (here 0): float zero points take a slow path in the CPU kernel
+    n_blocks = weight.in_features // weight.block_size
+    zero = torch.zeros(weight.out_features * ((n_blocks + 1) // 2), dtype=torch.uint8)
+    low_part = NBitsWeight(packed(low), weight.scales.clone(), zero, **common)
+    return high_part, low_part
+
+
+class Int8AsInt4Pair(torch.nn.Module):
+    """Symmetric int8 weight computed as the sum of two int4 MatMulNBits."""
+
+    def __init__(self, weight: NBitsWeight) -> None:
+        super().__init__()
+        high, low = int8_as_two_int4(weight)
+        self.high = NBitsMatMul(high)
+        self.low = NBitsMatMul(low)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.high(x) + self.low(x)

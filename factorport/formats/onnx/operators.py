@@ -59,6 +59,8 @@ def base_module(base, densify_sparse: bool) -> nn.Module:
     if isinstance(base, DenseBase):
         return DenseMatMul(base.weight)
     if isinstance(base, QuantizedBase):
+        if base.qspec.bits == 8 and base.qspec.symmetric:
+            return nbits.Int8AsInt4Pair(nbits.from_base(base))
         if nbits.supported(base.qspec):
             return nbits.NBitsMatMul(nbits.from_base(base))
         return DenseMatMul(base.to_dense())  # asymmetric int8: no CPU kernel (see nbits)
