@@ -32,6 +32,9 @@ class Source:
     kind: str  # "default" | "directory" | "gguf" | "hub"
 
 
+CACHE_REVISION = 2
+
+
 def cache_dir() -> Path:
     root = os.environ.get("FACTORPORT_CACHE") or Path.home() / ".cache" / "factorport"
     return Path(root)
@@ -73,7 +76,32 @@ def _load_gguf(path: Path):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _fix_gguf_tokenizer(tokenizer, path)
     return model, tokenizer
+
+
+def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
+    """transformers 4.57 builds the tokenizer of a GGUF with the wrong special
+    tokens (eos = bos for SmolLM2), adds a BOS the file says not to add, and
+    would save the whole GGUF again as `tokenizer.model`: take the special
+    tokens from the file's own metadata and keep only the fast tokenizer."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+
+    for role in ("bos", "eos", "unknown", "padding"):
+        token_id = value(f"tokenizer.ggml.{role}_token_id")
+        if token_id is not None:
+            attribute = {"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+    if hasattr(tokenizer, "vocab_file"):
+        tokenizer.vocab_file = None  # no slow-tokenizer copy of the GGUF on save
 
 
 def default_model_dir(progress: bool = True) -> Path:
@@ -81,8 +109,9 @@ def default_model_dir(progress: bool = True) -> Path:
     import transformers
 
     # Keyed by transformers' version: files saved by one version (the tokenizer
-    # config in particular) do not always load in another.
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-transformers-{transformers.__version__}"
+    # config in particular) do not always load in another. CACHE_REVISION
+    # changes when what is cached changes.
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-r{CACHE_REVISION}-transformers-{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf()
