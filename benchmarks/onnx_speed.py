@@ -123,15 +123,16 @@ def main() -> None:
 
     base = {r["artifact"]: r["decode_tok_s"] for r in rows}
     print(f"\naccuracy_level={args.accuracy_level} threads={args.threads or 'default'} ppl windows={args.windows}")
-    header = f"{'artifact':<20}{'file MB':>9}{'read MB/tok':>12}{'bound tok/s':>12}{'decode tok/s':>13}{'x fp32':>8}{'x rtn4':>8}{'prefill s':>10}{'ppl':>9}"
+    header = f"{'artifact':<20}{'file MB':>9}{'read MB/tok':>12}{'bound tok/s':>12}{'decode tok/s':>13}{'min-max':>12}{'x fp32':>8}{'x rtn4':>8}{'prefill s':>10}{'ppl':>9}"
     print(header)
     for r in rows:
         x_fp32 = r["decode_tok_s"] / base["optimum-fp32"] if "optimum-fp32" in base else float("nan")
         x_rtn = r["decode_tok_s"] / base["ort-rtn-int4-b32"] if "ort-rtn-int4-b32" in base else float("nan")
         r["x_fp32"], r["x_rtn4"] = x_fp32, x_rtn
+        spread = f"{min(r['decode_runs']):.1f}-{max(r['decode_runs']):.1f}"
         print(
             f"{r['artifact']:<20}{r['file_mb']:>9.1f}{r['read_mb_per_token']:>12.1f}{r['bound_tok_s']:>12.1f}"
-            f"{r['decode_tok_s']:>13.1f}{x_fp32:>8.2f}{x_rtn:>8.2f}{r['prefill_s']:>10.2f}{r['ppl']:>9.3f}"
+            f"{r['decode_tok_s']:>13.1f}{spread:>12}{x_fp32:>8.2f}{x_rtn:>8.2f}{r['prefill_s']:>10.2f}{r['ppl']:>9.3f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bandwidth, "args": vars(args) | {"work": str(args.work)}, "rows": rows}, indent=2) + "\n")

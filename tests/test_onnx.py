@@ -104,17 +104,26 @@ def test_quantized_linears_become_matmulnbits_with_shared_v_computed_once(make_m
     model = compressed(make_model, stats_for, "glowq-w4")
     out, report, graph = exported(model, tmp_path)
     layers = model.config.num_hidden_layers
-    # every decoder linear int4 + the int8 lm_head as two int4 halves (fast
-    # float32 kernel), and the tied embedding reads the int8 codes
+    # a group sharing V is one linear: q/k/v stacked in one int4 MatMulNBits,
+    # gate/up in another, plus o and down; the int8 lm_head as two int4
+    # halves (fast float32 kernel), and the tied embedding reads the int8 codes
     bits = Counter({a.name: a.i for a in n.attribute}["bits"] for n in nodes(graph, "MatMulNBits"))
-    assert bits == {4: 7 * layers + 2}
+    assert bits == {4: 4 * layers + 2}
+    widths = Counter({a.name: a.i for a in n.attribute}["N"] for n in nodes(graph, "MatMulNBits"))
+    qkv = model.config.hidden_size + 2 * model.config.num_key_value_heads * model.config.head_dim
+    lm_head = Counter({model.config.vocab_size: 2})  # the two halves
+    assert widths - lm_head == {qkv: layers, 2 * model.config.intermediate_size: layers, model.config.hidden_size: 2 * layers}
     assert len(nodes(graph, "GatherBlockQuantized")) == 1
-    # one MatMul per shared V (q/k/v and gate/up share; o and down have their own)
+    # one MatMul per shared V (q/k/v and gate/up share; o and down have their
+    # own), each feeding exactly one MatMul over the members' U side by side
     v_matmuls = [n for n in nodes(graph, "MatMul") if n.input[1].endswith(".v_t")]
     assert len(v_matmuls) == 4 * layers == report["shared_projections"]
+    assert report["fused_groups"] == 2 * layers
     consumers = Counter(i for n in graph.graph.node for i in n.input)
-    fan_out = sorted(consumers[n.output[0]] for n in v_matmuls)
-    assert fan_out == [1] * (2 * layers) + [2] * layers + [3] * layers
+    assert all(consumers[n.output[0]] == 1 for n in v_matmuls)
+    u_matmuls = [n for n in nodes(graph, "MatMul") if n.input[1].endswith(".u_t")]
+    assert len(u_matmuls) == 4 * layers
+    assert len(nodes(graph, "Split")) == 2 * layers
     # the low-rank term is two MatMuls, never a multiplied-out matrix
     assert not [i for i in graph.graph.initializer if i.name.endswith("weight_t")]
     assert_parity(model, out, input_ids[0])

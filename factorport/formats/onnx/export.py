@@ -55,6 +55,7 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, densify_sp
         "densify_sparse": densify_sparse,
         "embedding": info["embedding"],
         "shared_projections": info["shared_projections"],
+        "fused_groups": info["fused_groups"],
         "nodes": dict(sorted(counts.items())),
         "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()},
         "parity": parity,

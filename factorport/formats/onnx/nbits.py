@@ -102,6 +102,22 @@ def from_codes(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor |
     return NBitsWeight(blob, scales, zero_points, in_features, rows, spec.bits, spec.group_size)
 
 
+def stacked(weights: list[NBitsWeight]) -> NBitsWeight:
+    """One MatMulNBits over several weights' rows (same input, same grid):
+    each output row keeps its own codes, scales and zero points."""
+    first = weights[0]
+    if any((w.in_features, w.bits, w.block_size) != (first.in_features, first.bits, first.block_size) for w in weights):
+        raise ValueError("only weights of one input size and grid stack into one MatMulNBits")
+    float_zero = first.zero_points is not None and first.zero_points.dtype != torch.uint8
+    if any((w.zero_points is not None) != (first.zero_points is not None) for w in weights) or (first.zero_points is not None and not float_zero):
+        raise ValueError("stacking needs all default or all float zero points")
+    zero_points = torch.cat([w.zero_points for w in weights]) if float_zero else None
+    return NBitsWeight(
+        torch.cat([w.blob for w in weights]), torch.cat([w.scales for w in weights]), zero_points,
+        first.in_features, sum(w.out_features for w in weights), first.bits, first.block_size,
+    )
+
+
 def from_base(base: QuantizedBase) -> NBitsWeight:
     return from_codes(base.codes, base.scale, base.minimum, base.qspec, base.in_features)
 

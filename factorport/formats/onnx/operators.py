@@ -9,9 +9,13 @@ is:
     quantized base      -> com.microsoft.MatMulNBits over factorport's codes
     block-sparse base   -> see `sparse` (column tiles / gathered blocks / densified)
     low-rank term       -> MatMul(V) then MatMul(U), float32, added to the base
-    shared V            -> one MatMul per group: the ExportProjection of a group
-                           remembers its last input, so the members that read
-                           the same tensor reuse one traced product
+    shared V            -> the whole group as one linear (`ExportGroup`): one
+                           MatMul(V), one MatMul over the members' U side by
+                           side, one base over their rows stacked (when the
+                           bases have one form), one Add, then a Split; each
+                           member (`GroupMember`) returns its slice. Decode
+                           at batch 1 pays per node, so 3 (q/k/v) or 2
+                           (gate/up) of each become one.
 
 Swapping is undone afterwards (`swapped` is a context manager), so the model
 handed to the exporter is left as it was.
@@ -116,23 +120,104 @@ def embedding_module(linear: CompressedLinear) -> tuple[nn.Module, str]:
     return ExportEmbedding(linear.to_dense()), "Gather over a float32 copy"
 
 
+def _stacked_base(bases: list, densify_sparse: bool) -> nn.Module | None:
+    """One operator over the members' rows stacked, when their bases share a
+    form that stacks exactly (dense, or MatMulNBits of one grid); else None."""
+    if all(isinstance(b, DenseBase) for b in bases):
+        return DenseMatMul(torch.cat([b.weight.float() for b in bases]))
+    if not all(isinstance(b, QuantizedBase) and b.qspec == bases[0].qspec for b in bases):
+        return None
+    spec = bases[0].qspec
+    if not nbits.supported(spec) or (spec.bits == 8 and spec.symmetric):
+        return None
+    weights = [nbits.from_base(b) for b in bases]
+    return nbits.NBitsMatMul(nbits.stacked(weights))
+
+
+class ExportGroup(nn.Module):
+    """Linears that share V (and so read one input) computed as one:
+    `base_stacked(x) + (x V^T) [U_1^T | U_2^T ...] + bias`, split per member.
+
+    Bases that do not stack (mixed kinds) stay per member and are added to
+    their slice of the low-rank term. The result is remembered for the last
+    input tensor, so the members' calls on that tensor trace one product."""
+
+    def __init__(self, linears: list[CompressedLinear], densify_sparse: bool) -> None:
+        super().__init__()
+        self.sizes = [linear.out_features for linear in linears]
+        self.register_buffer("v_t", linears[0].V.V.float().T.contiguous())
+        self.register_buffer("u_t", torch.cat([linear.U.float() for linear in linears]).T.contiguous())
+        bases = [linear.base for linear in linears]
+        self.base = None
+        self.member_bases = nn.ModuleList()
+        if all(b is not None for b in bases):
+            self.base = _stacked_base(bases, densify_sparse)
+        if self.base is None and any(b is not None for b in bases):
+            self.member_bases = nn.ModuleList(nn.Identity() if b is None else base_module(b, densify_sparse) for b in bases)
+        biased = any(linear.bias is not None for linear in linears)
+        self.register_buffer("bias", torch.cat([
+            torch.zeros(linear.out_features) if linear.bias is None else linear.bias.detach().float() for linear in linears
+        ]) if biased else None)
+        self.has_member_base = [b is not None for b in bases]
+        self._last: tuple[weakref.ref, tuple[torch.Tensor, ...]] | None = None
+
+    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = ((x.float() @ self.v_t) @ self.u_t).to(x.dtype)
+        if self.base is not None:
+            y = self.base(x) + y
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        parts = torch.split(y, self.sizes, dim=-1)
+        if len(self.member_bases):
+            parts = tuple(base(x) + part if has else part
+                          for base, part, has in zip(self.member_bases, parts, self.has_member_base))
+        return parts
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._last is None or self._last[0]() is not x:
+            self._last = (weakref.ref(x), self._compute(x))
+        return self._last[1][index]
+
+
+class GroupMember(nn.Module):
+    """One member's slice of an `ExportGroup` (a submodule shared by all the
+    members: its weights are traced once, by whichever member runs first)."""
+
+    def __init__(self, group: ExportGroup, index: int, linear: CompressedLinear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.group = group
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group(x, self.index)
+
+
 def export_modules(model, densify_sparse: bool) -> tuple[dict[str, nn.Module], dict]:
     """The replacement module for every compressed linear (and a tied embedding)."""
     arch = arch_for(model.config)
-    projections: dict[int, ExportProjection] = {}
+    groups: dict[int, list[tuple[str, CompressedLinear]]] = {}
     replacements: dict[str, nn.Module] = {}
     for name in linear_names(model, arch):
         module = model.get_submodule(name)
         if not isinstance(module, CompressedLinear):
             continue
-        projection = None
-        if module.U is not None:
-            key = id(module.V)
-            if key not in projections:
-                projections[key] = ExportProjection(module.V.V)
-            projection = projections[key]
-        replacements[name] = ExportLinear(module, projection, densify_sparse)
-    info = {"shared_projections": sum(1 for p in projections.values()), "embedding": None}
+        if module.U is None:
+            replacements[name] = ExportLinear(module, None, densify_sparse)
+        else:
+            groups.setdefault(id(module.V), []).append((name, module))
+    fused = 0
+    for members in groups.values():
+        if len(members) == 1:
+            name, module = members[0]
+            replacements[name] = ExportLinear(module, ExportProjection(module.V.V), densify_sparse)
+            continue
+        group = ExportGroup([module for _, module in members], densify_sparse)
+        fused += 1
+        for index, (name, module) in enumerate(members):
+            replacements[name] = GroupMember(group, index, module)
+    info = {"shared_projections": len(groups), "fused_groups": fused, "embedding": None}
     embedding = model.get_input_embeddings()
     if isinstance(embedding, TiedEmbedding):
         module, how = embedding_module(embedding._linear)
