@@ -46,7 +46,8 @@ def runs(artifact):
     windows = text_windows(with_adapter.tokenize, DATA / "wiki.test.raw", 3, 512)
     torch_backend = TorchBackend(model, tokenizer)
     results = {"torch": [torch_backend.logits(w) for w in windows], "llama.cpp": [with_adapter.logits(w) for w in windows]}
-    generated = with_adapter.detokenize(with_adapter.generate(with_adapter.tokenize("The capital of France is"), 12).tokens)
+    prompt = with_adapter.tokenize("The capital of France is")
+    generated = (with_adapter.generate(prompt, 8).tokens, TorchBackend(model, tokenizer).generate(prompt, 8).tokens)
     with_adapter.close()
     without = LlamaCppBackend.open(out, threads=2, adapter=False)
     results["no adapter"] = [without.logits(w) for w in windows]
@@ -69,7 +70,8 @@ def test_llamacpp_perplexity_within_one_percent_and_top1_agreement(runs):
     assert agree >= 0.97, float(agree)
     gap = [sum((a - r).abs().mean() for a, r in zip(results[n], results["torch"])) for n in ("llama.cpp", "no adapter")]
     assert gap[0] < gap[1] / 2  # the adapter moves llama.cpp onto the torch reference
-    assert "Paris" in generated, generated
+    ours, reference = generated
+    assert ours[:4] == reference[:4], generated  # greedy decoding follows the torch reference
 
 
 def test_factorport_gguf_round_trip_is_bit_exact(artifact):
