@@ -90,7 +90,8 @@ class GGMLBase(nn.Module):
         return {"kind": self.kind, "type": self.type_name}
 
 
-def _ftype_value(name: str) -> int:
+def ftype_value(name: str) -> int:
+    """llama.cpp's llama_ftype number of a file type name ("Q4_K_M")."""
     import llama_cpp
 
     value = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if name == 'F32' else 'MOSTLY'}_{name}", None)
@@ -112,7 +113,7 @@ def llamacpp_quantize(
 
     if ftype in NEEDS_IMATRIX:
         raise ValueError(f"{ftype} needs an importance matrix in llama.cpp; pick another type")
-    value = _ftype_value(ftype)
+    value = ftype_value(ftype)
     with tempfile.TemporaryDirectory(prefix="factorport-llamacpp-") as scratch:
         source, target = Path(scratch) / "f32.gguf", Path(scratch) / "quantized.gguf"
         writer = gguf.GGUFWriter(source, arch=metadata["general.architecture"])

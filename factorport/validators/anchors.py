@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FactorportError
-from ..loading import Source, cache_dir, embedded_gguf, load_model, resolve
+from ..loading import CACHE_REVISION, Source, cache_dir, embedded_gguf, load_model, resolve
 
 # Types `bench` picks the size-nearest anchor from.
 LLAMACPP_TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
@@ -21,7 +21,7 @@ LLAMACPP_TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
 def _anchor_dir(source: Source, name: str) -> Path:
     import transformers
 
-    return cache_dir() / "anchors" / f"{source.name}-transformers-{transformers.__version__}" / name
+    return cache_dir() / "anchors" / f"{source.name}-r{CACHE_REVISION}-transformers-{transformers.__version__}" / name
 
 
 def _build(target: Path, make, progress: bool) -> Path:
@@ -58,10 +58,13 @@ def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = 
     """llama.cpp's `llama_model_quantize` of the original model at `ggml_type`."""
     import llama_cpp
 
+    from ..ops.ggml import ftype_value
+
     source = resolve(model_name)
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ggml_type}", None)
-    if ftype is None:
-        raise FactorportError(f"llama.cpp has no quantization type {ggml_type!r}; try one of {', '.join(LLAMACPP_TYPES)}")
+    try:
+        ftype = ftype_value(ggml_type)
+    except ValueError as exc:
+        raise FactorportError(str(exc)) from None
 
     def make(tmp: Path) -> None:
         params = llama_cpp.llama_model_quantize_default_params()
