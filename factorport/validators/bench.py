@@ -134,7 +134,7 @@ def targets_for(output: Path, backends: list[str] | None, anchors: bool, model_n
         artifact = output / BACKENDS[backend].artifact
         if not artifact.is_dir():
             raise FactorportError(f"{output} has no {BACKENDS[backend].artifact}/ artifact for backend {name}")
-        targets.append(Target(output.name, backend, artifact, options))
+        targets.append(Target(output.name if name == backend else f"{output.name} ({name})", backend, artifact, options))
     if not anchors:
         return targets
     from . import anchors as anchor_builds
