@@ -13,13 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def pareto_plot(points: list[dict], path: Path) -> None:
     """`points`: {label, bytes, perplexity, anchor}."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, point in enumerate(sorted(points, key=lambda p: (p["bytes"], p["perplexity"]))):
-        marker, color = ("s", "tab:gray") if point["anchor"] else ("o", "tab:blue")
-        ax.scatter(point["bytes"] / 1e6, point["perplexity"], marker=marker, color=color, s=40, zorder=3)
-        # staggered offsets: artifacts of one output often sit at the same size
-        ax.annotate(point["label"], (point["bytes"] / 1e6, point["perplexity"]), textcoords="offset points",
-                    xytext=(6, (-12, 4, 14)[i % 3]), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    colors = plt.get_cmap("tab10")
+    # a legend, not annotations: artifacts of one output sit at the same size
+    for i, point in enumerate(sorted(points, key=lambda p: (p["anchor"], p["bytes"]))):
+        ax.scatter(point["bytes"] / 1e6, point["perplexity"], marker="s" if point["anchor"] else "o",
+                   color=colors(i % 10), s=50, zorder=3, label=point["label"] + (" [anchor]" if point["anchor"] else ""))
+    ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("bytes on disk (MB)")
     ax.set_ylabel("perplexity (WikiText-2 test, 512-token windows)")
     ax.set_title("Quality vs size\n(circles: factorport artifacts, squares: anchors)", fontsize=10)
@@ -32,7 +32,7 @@ def pareto_plot(points: list[dict], path: Path) -> None:
 def speed_plot(runs: list[dict], path: Path) -> None:
     """Decode tokens/s per run (median, min–max) beside its bandwidth bound."""
     runs = [r for r in runs if "decode_tokens_per_s" in r]
-    labels = [f"{r['label']}\n{r['backend']}" for r in runs]
+    labels = [f"{r['label'].replace(' (', chr(10) + '(')}\n[{r['backend']}]" for r in runs]
     medians = [r["decode_tokens_per_s"]["median"] for r in runs]
     errors = [
         [m - r["decode_tokens_per_s"]["min"] for m, r in zip(medians, runs)],
@@ -40,7 +40,7 @@ def speed_plot(runs: list[dict], path: Path) -> None:
     ]
     bounds = [r["bound_tokens_per_s"] for r in runs]
     x = range(len(runs))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(runs)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(runs)), 5.2))
     ax.bar([i - 0.2 for i in x], medians, width=0.4, yerr=errors, capsize=3, label="decode tok/s (median, min–max)",
            color=["tab:gray" if r["anchor"] else "tab:blue" for r in runs])
     ax.bar([i + 0.2 for i in x], bounds, width=0.4, label="bound: bandwidth / bytes read per token", color="none", edgecolor="tab:red", hatch="//")

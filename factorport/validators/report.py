@@ -120,7 +120,8 @@ def write_bench_reports(result: dict, report: Path) -> None:
     (report / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (report / "plots").mkdir(exist_ok=True)
     points = [
-        {"label": f"{r['label']} ({r['backend']})", "bytes": r["disk_bytes"], "perplexity": r["perplexity"], "anchor": r["anchor"]}
+        {"label": r["label"] if r["backend"] in r["label"] else f"{r['label']} ({r['backend']})",
+         "bytes": r["disk_bytes"], "perplexity": r["perplexity"], "anchor": r["anchor"]}
         for r in result["runs"]
         if r.get("perplexity")
     ]
