@@ -119,7 +119,7 @@ def llamacpp_quantize(
         writer = gguf.GGUFWriter(source, arch=metadata["general.architecture"])
         for key, val in metadata.items():
             if key != "general.architecture":
-                _add_value(writer, key, val)
+                add_value(writer, key, val)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
         for name, array in tensors.items():
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
@@ -143,7 +143,8 @@ def llamacpp_quantize(
     return result
 
 
-def _add_value(writer, key: str, value) -> None:
+def add_value(writer, key: str, value) -> None:
+    """One GGUF key/value, typed by its Python type (ints as uint32, like llama.cpp's hyper-parameters)."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

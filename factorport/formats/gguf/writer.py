@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...ops.ggml import ggml_type
+from ...ops.ggml import add_value, ggml_type
 from .metadata import add_tokenizer, hparams
 from .model_file import Plan, Tensor
 from .names import GGUFArch
@@ -34,16 +34,8 @@ def _finish(writer) -> None:
 
 def _add_values(writer, values: dict) -> None:
     for key, value in values.items():
-        if key == "general.architecture":
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_string(key, str(value))
+        if key != "general.architecture":  # given to GGUFWriter itself
+            add_value(writer, key, value)
 
 
 def write_model(path: Path, plan: Plan, model, tokenizer, garch: GGUFArch, name: str) -> str:
