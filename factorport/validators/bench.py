@@ -121,16 +121,13 @@ def targets_for(output: Path, backends: list[str] | None, anchors: bool, model_n
     """Every artifact of a factorport output on its backend, then the anchors:
     Optimum's fp32 ONNX export of the original model, and llama.cpp's own
     quantization of it at the type nearest in size to the GGUF artifact."""
-    from .backends import BACKENDS, available_backends
-    from .validate import VARIANTS
+    from .backends import BACKENDS, available_backends, resolve
 
     # torch is the reference, not a deployment runtime: timed only when asked for.
     names = backends or [b for b in available_backends(output) if b != "torch"]
     targets = []
     for name in names:
-        backend, options = VARIANTS.get(name, (name, {}))
-        if backend not in BACKENDS:
-            raise FactorportError(f"unknown backend {name!r}; choose from {', '.join([*BACKENDS, *VARIANTS])}")
+        backend, options = resolve(name)
         artifact = output / BACKENDS[backend].artifact
         if not artifact.is_dir():
             raise FactorportError(f"{output} has no {BACKENDS[backend].artifact}/ artifact for backend {name}")

@@ -20,17 +20,12 @@ from tqdm import tqdm
 
 from ..errors import FactorportError
 from ..formats.manifest import read_manifest, verify_manifest
-from .backends import BACKENDS, available_backends, open_backend
+from .backends import available_backends, open_backend, resolve
 from .parity import ParityAccumulator
 from .perplexity import perplexity, text_windows
 from .thresholds import checks_for
 
 SCHEMA_VERSION = "factorport.validation/1"
-
-# Names a user may give to --backend beyond BACKENDS: a backend run on
-# another numeric path.
-VARIANTS = {"onnxruntime-int8": ("onnxruntime", {"accuracy_level": 4})}
-
 
 @dataclass
 class ValidateConfig:
@@ -50,9 +45,7 @@ def resolve_backends(output: Path, names: list[str] | None) -> list[tuple[str, s
         names = [b for b in available_backends(output) if b != "torch"]
     resolved = []
     for name in names:
-        backend, options = VARIANTS.get(name, (name, {}))
-        if backend not in BACKENDS:
-            raise FactorportError(f"unknown backend {name!r}; choose from {', '.join([*BACKENDS, *VARIANTS])}")
+        backend, options = resolve(name)
         if backend != "torch":
             resolved.append((name, backend, options))
     return resolved
@@ -83,7 +76,7 @@ def validate(output: str | Path, config: ValidateConfig) -> dict:
             accumulators[label] = ParityAccumulator()
         except FactorportError as exc:
             entry["error"] = str(exc)
-        entry["checks"] = {name: check for name, check in checks_for(backend, options, thresholds).items()}
+        entry["checks"] = checks_for(backend, options, thresholds)
 
     for ids in tqdm(windows, desc="validate", unit="win", disable=not config.progress):
         ref_logits = reference.logits(ids)

@@ -64,6 +64,18 @@ BACKENDS: dict[str, BackendEntry] = {
 }
 
 
+# Names a user may give beyond BACKENDS: a backend run on another numeric path.
+VARIANTS: dict[str, tuple[str, dict]] = {"onnxruntime-int8": ("onnxruntime", {"accuracy_level": 4})}
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """(backend, options) for a backend or variant name."""
+    backend, options = VARIANTS.get(name, (name, {}))
+    if backend not in BACKENDS:
+        raise FactorportError(f"unknown backend {name!r}; choose from {', '.join([*BACKENDS, *VARIANTS])}")
+    return backend, dict(options)
+
+
 def backend_class(name: str):
     if name not in BACKENDS:
         raise FactorportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
