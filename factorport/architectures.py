@@ -26,6 +26,9 @@ class ArchSpec:
     embed: str
     lm_head: str
     qkv_bias: bool
+    decoder: str = "model"  # the module that takes attention_mask and position_ids
+    attention: str = "self_attn"  # per layer
+    rotary: str = "rotary_emb"  # relative to the decoder: (x, position_ids) -> cos, sin
 
 
 _LLAMA_LINEARS = (

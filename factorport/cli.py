@@ -19,6 +19,8 @@ def _export_options(args) -> dict[str, dict]:
     options: dict[str, dict] = {"onnx": {}, "gguf": {}}
     if args.densify_sparse:
         options["onnx"]["densify_sparse"] = True
+    if args.onnx_attention:
+        options["onnx"]["attention"] = args.onnx_attention
     if args.gguf_type:
         from .formats.gguf.codecs import check_type
 
@@ -200,6 +202,11 @@ def _add_format_flags(p: argparse.ArgumentParser, default: str | None) -> None:
         help="comma-separated: safetensors (always written), onnx, gguf" + (f" (default {default})" if default else ""),
     )
     p.add_argument("--densify-sparse", action="store_true", help="ONNX: write block-sparse bases as dense weights")
+    p.add_argument(
+        "--onnx-attention",
+        choices=("fused", "traced"),
+        help="ONNX: fused = one GroupQueryAttention per layer (default where the model allows), traced = Optimum's trace",
+    )
     p.add_argument("--gguf-type", help="GGUF: ggml type for tensors without a lossless mapping (e.g. Q8_0, Q4_K_M)")
 
 

@@ -188,6 +188,56 @@ def test_backend_generation_matches_torch_and_accuracy_level_4_runs(make_model, 
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
+def test_attention_is_one_groupqueryattention_per_layer_and_the_cache_is_exact(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "glowq-w4")
+    out, report, graph = exported(model, tmp_path)
+    layers = model.config.num_hidden_layers
+    assert report["attention"] == "GroupQueryAttention"
+    assert len(nodes(graph, "GroupQueryAttention")) == layers
+    assert len(nodes(graph, "RotaryEmbedding")) == 2 * layers  # q and k
+    assert len(nodes(graph, "Softmax")) == 0  # nothing of the traced attention is left
+    # prompt, then one token at a time, then two at once: the same logits as one pass
+    session = DecoderSession.open(out)
+    ids = torch.cat([input_ids[0], input_ids[1]]).tolist()
+    logits, past = session.step(ids[:8], session.empty_past())
+    rows = [logits]
+    for start, stop in [(8, 9), (9, 10), (10, 12), (12, 24)]:
+        logits, past = session.step(ids[start:stop], past)
+        rows.append(logits)
+    expected = torch_logits(model, torch.tensor(ids))
+    got = torch.from_numpy(np.concatenate(rows))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_left_padded_batch_matches_each_sequence_alone(make_model, stats_for, input_ids, tmp_path):
+    # GroupQueryAttention treats padding as on the right; the exported
+    # attention bias and per-sequence rotary make left padding exact too
+    model = compressed(make_model, stats_for, "w4-rtn")
+    out, _, _ = exported(model, tmp_path)
+    session = DecoderSession.open(out).session
+    pad = 5
+    ids = input_ids.numpy().copy()
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = np.clip(mask.cumsum(1) - 1, 0, None)
+    empty = np.zeros((2, model.config.num_key_value_heads, 0, model.config.head_dim), dtype=np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    feeds.update({i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values.")})
+    logits = session.run(None, feeds)[0]
+    alone = torch_logits(model, input_ids[1, pad:]).numpy()
+    np.testing.assert_allclose(logits[1, pad:], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    assert not np.isnan(logits).any()
+
+
+def test_traced_attention_is_still_available(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "w4-rtn")
+    out, report, graph = exported(model, tmp_path, attention="traced")
+    assert report["attention"] == "traced" and not nodes(graph, "GroupQueryAttention")
+    assert_parity(model, out, input_ids[0])
+    with pytest.raises(FactorportError, match="attention form"):
+        exported(model, tmp_path, "bad", attention="flash")
+
+
 def test_accuracy_level_is_written_on_every_matmulnbits(make_model, stats_for, tmp_path):
     from factorport.formats.onnx.runtime import with_accuracy_level
 

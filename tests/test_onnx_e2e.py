@@ -52,6 +52,13 @@ def test_optimum_loads_and_generates(w4):
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0][inputs["input_ids"].shape[1]:])
+    # a left-padded batch continues each prompt as it does alone (fused attention)
+    prompts = ["The capital of France is", "In 1998, the band released their second album, which"]
+    tokenizer.padding_side = "left"
+    batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=12, do_sample=False)
+    alone = [model.generate(**tokenizer(p, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0] for p in prompts]
+    texts = tokenizer.batch_decode(batch, skip_special_tokens=True)
+    assert texts == [tokenizer.decode(a, skip_special_tokens=True) for a in alone]
 
 
 def test_cli_generate_and_bad_directories(w4, tmp_path):

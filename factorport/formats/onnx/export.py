@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ...architectures import arch_for
 from ...errors import FactorportError
+from . import attention as fused_attention
 from . import graph
 from .operators import export_modules, swapped
 
@@ -28,16 +30,35 @@ def _trace(model, out_dir: Path) -> None:
         onnx_export_from_model(model, out_dir, task=TASK, do_validation=False)
 
 
-def export(model, tokenizer, out_dir: Path, *, progress: bool = True, densify_sparse: bool = False) -> dict:
+def export(
+    model, tokenizer, out_dir: Path, *, progress: bool = True, densify_sparse: bool = False, attention: str = "fused"
+) -> dict:
     """Write `out_dir/model.onnx` (+ `model.onnx_data` beyond 2 GB), config and
-    tokenizer files; returns the report (operator counts, parity, seconds)."""
+    tokenizer files; returns the report (operator counts, parity, seconds).
+
+    attention: "fused" = one GroupQueryAttention node per layer where the
+    model allows it (see `attention`), "traced" = Optimum's trace as is."""
+    if attention not in fused_attention.ATTENTION_FORMS:
+        raise FactorportError(f"unknown ONNX attention form {attention!r}; choose one of {', '.join(fused_attention.ATTENTION_FORMS)}")
     out_dir = Path(out_dir)
     started = time.perf_counter()
     model = model.eval()
+    arch = arch_for(model.config)
     replacements, info = export_modules(model, densify_sparse)
+    inputs = None
+    if attention == "fused":
+        # after the linears: the fused modules call the projections installed on the original attention
+        fused, inputs = fused_attention.replacements(model, arch)
+        replacements.update(fused)
+    info["attention"] = "GroupQueryAttention" if inputs is not None else "traced"
     if progress:
-        print(f"factorport: onnx: tracing the decoder ({len(replacements)} operators replaced)")
-    with torch.inference_mode(False), torch.no_grad(), swapped(model, replacements):
+        print(f"factorport: onnx: tracing the decoder ({len(replacements)} modules replaced, attention {info['attention']})")
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        swapped(model, replacements),
+        fused_attention.capturing(model, arch, inputs),
+    ):
         try:
             _trace(model, out_dir)
         except Exception as exc:  # noqa: BLE001 - Optimum raises plain exceptions
@@ -53,6 +74,7 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, densify_sp
         "format": "onnx",
         "task": TASK,
         "densify_sparse": densify_sparse,
+        "attention": info["attention"],
         "embedding": info["embedding"],
         "shared_projections": info["shared_projections"],
         "fused_groups": info["fused_groups"],

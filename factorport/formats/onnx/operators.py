@@ -228,12 +228,15 @@ def export_modules(model, densify_sparse: bool) -> tuple[dict[str, nn.Module], d
 
 @contextmanager
 def swapped(model, replacements: dict[str, nn.Module]):
-    """Install `replacements` in `model` for the duration of the block."""
+    """Install `replacements` in `model` for the duration of the block.
+
+    Names may nest (a layer's attention, then replaced itself after its
+    projections): they are installed in order and restored in reverse."""
     originals = {name: model.get_submodule(name) for name in replacements}
     try:
         for name, module in replacements.items():
             model.set_submodule(name, module)
         yield model
     finally:
-        for name, module in originals.items():
+        for name, module in reversed(originals.items()):
             model.set_submodule(name, module)
