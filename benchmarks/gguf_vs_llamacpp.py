@@ -37,6 +37,7 @@ from factorport.converters import CalibrationConfig, apply, calibrate
 from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE, export
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
+from factorport.validators.bandwidth import measure_bandwidth
 from factorport.validators.perplexity import perplexity, text_windows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
@@ -48,7 +49,7 @@ RECIPE = """
 name: glowq-llamacpp
 steps:
   - llamacpp: {{targets: [linears, lm_head], type: {base}}}
-  - correct: {{targets: [{targets}], shared: false, ranks: {{budget: {{added_bytes: {budget}}}}}}}
+  - correct: {{targets: [{targets}], shared: false, ranks: {{budget: {{added_bytes: {budget}}}, multiple: {multiple}}}}}
 """
 
 
@@ -79,13 +80,13 @@ def artifact_bytes(directory: Path) -> int:
     return sum((directory / f).stat().st_size for f in (MODEL_FILE, ADAPTER_FILE) if (directory / f).exists())
 
 
-def factorport_artifact(reference, tokenizer, stats, base: str, budget: int, out: Path, targets: str) -> dict:
+def factorport_artifact(reference, tokenizer, stats, base: str, budget: int, out: Path, targets: str, multiple: int) -> dict:
     model = copy.deepcopy(reference)
-    recipe = parse_recipe(RECIPE.format(base=base, budget=float(budget), targets=targets))
+    recipe = parse_recipe(RECIPE.format(base=base, budget=float(budget), targets=targets, multiple=multiple))
     apply(model, recipe.steps, stats, progress=False)
     out.mkdir(parents=True)
     export(model, tokenizer, out, progress=False, native=False)
-    return {"recipe": f"llamacpp {base} + EoRA adapter (budget {budget / 1e6:.2f} MB)"}
+    return {"recipe": f"llamacpp {base} + EoRA adapter (budget {budget / 1e6:.2f} MB, ranks in steps of {multiple})"}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -93,18 +94,6 @@ def same_tensors(a: Path, b: Path) -> bool:
     ta = {t.name: (t.tensor_type, np.array(t.data).tobytes()) for t in gguf.GGUFReader(a).tensors}
     tb = {t.name: (t.tensor_type, np.array(t.data).tobytes()) for t in gguf.GGUFReader(b).tensors}
     return ta == tb
-
-
-def bandwidth(repeats: int = 5) -> float:
-    """Read bandwidth (bytes/s): median time to sum a 1 GiB array."""
-    data = np.ones(1 << 28, dtype=np.float32)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - started)
-    return data.nbytes / statistics.median(times)
 
 
 def decode_speed(directory: Path, adapter: bool, threads: int, tokens: int, repeats: int) -> float:
@@ -118,7 +107,7 @@ def decode_speed(directory: Path, adapter: bool, threads: int, tokens: int, repe
 
 
 def report_decode_speed(type_name: str, ours: Path, args) -> bool:
-    bw = bandwidth()
+    bw = measure_bandwidth(threads=args.threads)
     with_adapter = decode_speed(ours, True, args.threads, args.decode_tokens, args.repeats)
     without = decode_speed(ours, False, args.threads, args.decode_tokens, args.repeats)
     model_bytes = (ours / MODEL_FILE).stat().st_size
@@ -140,6 +129,10 @@ def main() -> None:
     p.add_argument("--search", action="store_true", help="also try cheaper llama.cpp bases with a larger adapter")
     p.add_argument("--work", default="/tmp/factorport-gguf-bench", help="scratch directory (deleted first)")
     p.add_argument("--targets", default="linears", help="what the correction may touch (a quick smoke run: 'model.layers.0.*')")
+    p.add_argument(
+        "--multiple", type=int, default=32,
+        help="adapter ranks in steps of this: fewer, larger LoRA pairs (llama.cpp pays per pair at decode)",
+    )
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -171,7 +164,7 @@ def main() -> None:
             if budget <= 0:
                 continue
             ours = work / f"factorport-{type_name}-on-{base}"
-            info = factorport_artifact(reference, tokenizer, stats, base, budget, ours, args.targets)
+            info = factorport_artifact(reference, tokenizer, stats, base, budget, ours, args.targets, args.multiple)
             ours_bytes = artifact_bytes(ours)
             identical = same_tensors(ours / MODEL_FILE, base_dir / MODEL_FILE)
             print(f"  model.gguf holds exactly llama.cpp's {base} tensors: {identical}", flush=True)

@@ -130,8 +130,19 @@ def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:
     present = {name for name, _ in recipe.steps}
     if options.get("correct") and "correct" not in present:  # a budget nothing would spend
         raise FactorportError(f"recipe {recipe.name} has no correct step to give an adapter budget to; pick a recipe with one")
-    steps = [(name, dataclasses.replace(cfg, **options[name]) if options.get(name) else cfg) for name, cfg in recipe.steps]
+    steps = [(name, _with_fields(cfg, options[name]) if options.get(name) else cfg) for name, cfg in recipe.steps]
     return dataclasses.replace(recipe, steps=steps)
+
+
+def _with_fields(cfg, fields: dict):
+    """`cfg` with `fields` replaced; a `ranks` budget replaces only how ranks
+    are chosen, keeping the recipe's other rank settings (e.g. `multiple`)."""
+    import dataclasses
+
+    if "budget" in fields.get("ranks", {}):
+        ranks = dataclasses.replace(cfg.ranks, rank=None, ratio=None, energy=None, budget=fields["ranks"]["budget"])
+        fields = {**fields, "ranks": ranks}
+    return dataclasses.replace(cfg, **fields)
 
 
 def _export_into(export_to, name: str, model, tokenizer, output: Path, options: dict, progress: bool) -> None:

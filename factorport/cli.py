@@ -31,13 +31,11 @@ def _export_options(args) -> dict[str, dict]:
 def _step_options(args) -> dict[str, dict]:
     """Recipe-step fields from convert's flags: the llama.cpp type of a
     `llamacpp` step, and the byte budget of a `correct` step (its adapter)."""
-    from .converters.ranks import RankPolicy
-
     options: dict[str, dict] = {}
     if args.adapter_budget is not None:
         if args.adapter_budget <= 0:
             raise FactorportError(f"--adapter-budget must be a positive number of MB, got {args.adapter_budget}")
-        options["correct"] = {"ranks": RankPolicy(budget={"added_bytes": args.adapter_budget * 1e6})}
+        options["correct"] = {"ranks": {"budget": {"added_bytes": args.adapter_budget * 1e6}}}
     if args.gguf_type:  # used by a recipe's llamacpp step, if it has one
         options["llamacpp"] = {"type": args.gguf_type}
     return options

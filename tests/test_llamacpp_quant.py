@@ -83,5 +83,8 @@ def test_convert_flags_set_the_llamacpp_type_and_the_adapter_budget():
     recipe = _override_steps(load_recipe("glowq-llamacpp"), _step_options(args))
     (_, quantize), (_, correct) = recipe.steps
     assert quantize.type == "Q3_K_M" and correct.ranks.budget == {"added_bytes": 2.5e6}
+    assert correct.ranks.multiple == 32  # the preset's rank step is kept
+    w4 = _override_steps(load_recipe("glowq-w4"), _step_options(args))  # a fixed rank gives way to the budget
+    assert [(c.ranks.rank, c.ranks.budget) for name, c in w4.steps if name == "correct"] == [(None, {"added_bytes": 2.5e6})]
     with pytest.raises(FactorportError, match="no correct step"):
         _override_steps(load_recipe("w4-rtn"), _step_options(args))
