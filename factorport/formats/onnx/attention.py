@@ -1,4 +1,4 @@
-"""Each layer's attention as one onnxruntime node, `com.microsoft.GroupQueryAttention`.
+"""Each layer's attention as three onnxruntime nodes: RotaryEmbedding (q, k) + GroupQueryAttention.
 
 Optimum's trace writes attention as ~60 small nodes per layer (reshapes whose
 shapes are computed from `Shape`, rotary halves, repeat_kv, the mask, the

@@ -36,7 +36,7 @@ def export(
     """Write `out_dir/model.onnx` (+ `model.onnx_data` beyond 2 GB), config and
     tokenizer files; returns the report (operator counts, parity, seconds).
 
-    attention: "fused" = one GroupQueryAttention node per layer where the
+    attention: "fused" = RotaryEmbedding + GroupQueryAttention per layer where the
     model allows it (see `attention`), "traced" = Optimum's trace as is."""
     if attention not in fused_attention.ATTENTION_FORMS:
         raise FactorportError(f"unknown ONNX attention form {attention!r}; choose one of {', '.join(fused_attention.ATTENTION_FORMS)}")
