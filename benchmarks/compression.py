@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,32 +25,65 @@ from factorport.api import DEFAULT_CALIB
 from factorport.converters import CalibrationConfig, apply, calibrate
 from factorport.converters.report import module_bytes
 from factorport.formats import safetensors_dir
-from factorport.recipe import load_recipe, parse_recipe
+from factorport.recipe import load_recipe
 
-BASE = """
-steps:
-  - quantize: {targets: [linears], method: gptq, bits: 4, group_size: 64, symmetric: true}
-  - quantize: {targets: [lm_head], method: rtn, bits: 8, group_size: 32, symmetric: true}
-"""
-MAGNITUDE = """
-steps:
-  - sparsify: {targets: [linears], method: magnitude, block_rows: 1, block_cols: 32, density: 0.5, bits: 4, group_size: 32, symmetric: true}
-"""
+def preset(name: str):
+    return load_recipe(name).steps
+
+
+def bare_base(name: str):
+    """A preset without its correction: the base the correction works on."""
+    return [(step, config) for step, config in preset(name) if step != "correct"]
+
+
+def magnitude_blocks(name: str):
+    """A sparsify preset with the blocks chosen by |W| instead of Wanda's score."""
+    return [(step, replace(config, method="magnitude") if step == "sparsify" else config) for step, config in preset(name)]
+
+
 RECIPES = {
-    "int4 base (glowq's, no correction)": BASE,
-    "glowq-w4": None,
-    "eora-w4": None,
-    "glowq-s-w4": None,
-    "gqsa-w4s50": None,
-    "magnitude blocks w4s50": MAGNITUDE,
-    "lost-s50-r64": None,
-    "budget-100mb": None,
-    "w4-gptq": None,
+    "int4 base (glowq's, no correction)": lambda: bare_base("glowq-w4"),
+    "glowq-w4": lambda: preset("glowq-w4"),
+    "eora-w4": lambda: preset("eora-w4"),
+    "glowq-s-w4": lambda: preset("glowq-s-w4"),
+    "gqsa-w4s50": lambda: preset("gqsa-w4s50"),
+    "magnitude blocks w4s50": lambda: magnitude_blocks("gqsa-w4s50"),
+    "lost-s50-r64": lambda: preset("lost-s50-r64"),
+    "budget-100mb": lambda: preset("budget-100mb"),
+    "w4-gptq": lambda: preset("w4-gptq"),
 }
 
 
 def decoder_linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if n.startswith("model.layers.") and n.count(".") == 4 and hasattr(m, "in_features")]
+
+
+def comparisons(rows: dict, dense_ppl: float) -> list[str]:
+    """The acceptance comparisons, one line each, for the rows that ran."""
+    lines = []
+    base, glowq, eora, glowq_s = (rows.get(k) for k in ("int4 base (glowq's, no correction)", "glowq-w4", "eora-w4", "glowq-s-w4"))
+    if glowq:
+        lines.append(
+            f"glowq-w4: perplexity {glowq['ppl'] / dense_ppl:.3f}x dense (limit 1.08x), "
+            f"decoder-linear bytes {glowq['linear_bytes_vs_fp16']:.1%} of fp16 (limit 35%)"
+        )
+    if glowq and eora:
+        lines.append(
+            f"glowq-w4 vs eora-w4 ({glowq['total_bytes'] / 1e6:.1f} vs {eora['total_bytes'] / 1e6:.1f} MB): "
+            f"calibration error {glowq['calib_error']:.4f} vs {eora['calib_error']:.4f}, "
+            f"perplexity {glowq['ppl']:.3f} vs {eora['ppl']:.3f}"
+        )
+    if base and glowq and glowq_s:
+        recovered = (base["ppl"] - glowq_s["ppl"]) / (base["ppl"] - glowq["ppl"])
+        lines.append(f"glowq-s-w4 recovers {recovered:.0%} of glowq-w4's perplexity gain over the bare int4 base (at least 60%)")
+    gqsa, magnitude = rows.get("gqsa-w4s50"), rows.get("magnitude blocks w4s50")
+    if gqsa and magnitude:
+        lines.append(f"gqsa-w4s50 (Wanda) vs magnitude blocks at the same density: perplexity {gqsa['ppl']:.1f} vs {magnitude['ppl']:.1f}")
+    small = {k: v for k, v in rows.items() if v["total_bytes"] <= 100e6}
+    if small:
+        best = min(small, key=lambda k: small[k]["ppl"])
+        lines.append(f"best perplexity at or under 100 MB: {best} ({small[best]['ppl']:.3f}) of {', '.join(sorted(small))}")
+    return lines
 
 
 def main() -> None:
@@ -70,11 +104,10 @@ def main() -> None:
     rows = {}
     selected = args.only.split(",") if args.only else list(RECIPES)
     for label in selected:
-        text = RECIPES.get(label)
-        recipe = load_recipe(label) if text is None else parse_recipe(text, label)
+        steps = RECIPES[label]()
         model, _ = factorport.api.load_any(None)
-        reports = apply(model, recipe.steps, stats)
-        last = recipe.steps[-1][0] if recipe.steps[-1][1].targets != ("lm_head",) else recipe.steps[-2][0]
+        reports = apply(model, steps, stats)
+        last = steps[-1][0] if steps[-1][1].targets != ("lm_head",) else steps[-2][0]
         error = sum(r.calib_error for r in reports if r.step == last and r.calib_error is not None and r.name != "lm_head")
         shared = sum(module_bytes(m) for n, m in model.named_modules() if n.rpartition(".")[2].startswith("shared_"))
         linear_bytes = sum(module_bytes(model.get_submodule(n)) for n in names) + shared
@@ -103,15 +136,9 @@ def main() -> None:
             f"{label:<36} {r['linear_bytes_vs_fp16']:>8.1%} {r['total_bytes'] / 1e6:>9.1f} {r['calib_error']:>10.4f} "
             f"{r['ppl']:>8.3f} {r['ppl'] / dense_ppl:>7.3f}x {str(r['bit_exact_reload']):>6}"
         )
-    base = rows.get("int4 base (glowq's, no correction)")
-    glowq, glowq_s = rows.get("glowq-w4"), rows.get("glowq-s-w4")
-    if base and glowq and glowq_s:
-        recovered = (base["ppl"] - glowq_s["ppl"]) / (base["ppl"] - glowq["ppl"])
-        print(f"\nglowq-s-w4 recovers {recovered:.0%} of glowq-w4's perplexity gain over the bare int4 base")
-    small = {k: v for k, v in rows.items() if v["total_bytes"] <= 100e6}
-    if small:
-        best = min(small, key=lambda k: small[k]["ppl"])
-        print(f"best perplexity at or under 100 MB: {best} ({small[best]['ppl']:.3f})")
+    print()
+    for line in comparisons(rows, dense_ppl):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2) + "\n")
 

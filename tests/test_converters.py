@@ -18,12 +18,12 @@ from factorport.converters import (
     calibrate,
     check,
 )
-from factorport.converters.quantize import gptq
+from factorport.converters.quantize import clipped_group_params, gptq
 from factorport.converters.ranks import Candidate, RankPolicy, allocate
 from factorport.converters.report import model_params, module_params, output_error
 from factorport.errors import FactorportError
 from factorport.ops import CompressedLinear, DenseBase, Projection, QuantizedBase, QuantSpec, TiedEmbedding
-from factorport.ops.quant import quantize_rtn
+from factorport.ops.quant import decode, encode, group_params, quantize_rtn
 
 LINEARS = [f"model.layers.{i}.{rel}" for i in range(2) for rel in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -391,6 +391,33 @@ def test_gptq_single_layer(spec):
     # real outputs on the activations agree with the Gram-based error
     y = x.float() @ w.T
     assert float(((x.float() @ base.to_dense().T - y) ** 2).sum() / (y**2).sum()) == pytest.approx(e_gptq, rel=1e-2)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 32, False), QuantSpec(8, 32, True)])
+def test_clip_search_never_rounds_worse(spec):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 1, 32, generator=g)
+    importance = torch.rand(32, generator=g) + 0.5
+
+    def weighted_error(scale, minimum):
+        q = decode(encode(w, spec, scale, minimum), spec, scale, minimum)
+        return ((q - w) ** 2 * importance).sum(dim=-1)
+
+    plain = weighted_error(*group_params(w, spec))
+    clipped = weighted_error(*clipped_group_params(w, spec, importance))
+    assert bool((clipped <= plain).all())  # the full range is one of the candidates
+    if spec.bits == 4:  # 16 levels: a shrunken range pays on Gaussian weights (int8's 255 do not need it)
+        assert float(clipped.sum()) < 0.95 * float(plain.sum())
+
+
+def test_gptq_clip_search_lowers_output_error():
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(8))
+    x = correlated_activations(512, 128, seed=9)
+    xtx = x.T @ x
+    spec = QuantSpec(4, 64, True)
+    plain = output_error(w, gptq(w, xtx, spec, 0.01, 128).to_dense(), xtx)
+    clipped = output_error(w, gptq(w, xtx, spec, 0.01, 128, clip_search=True).to_dense(), xtx)
+    assert clipped < plain
 
 
 def test_gptq_with_identity_hessian_is_rtn():

@@ -46,6 +46,7 @@ class BudgetConfig:
     symmetric: bool = True
     method: str = "gptq"
     sink_weight: float = 32.0  # for GPTQ (see QuantizeConfig)
+    clip_search: bool = False  # for GPTQ (see QuantizeConfig)
     correction_ranks: tuple[int, ...] = (0, 16, 32, 64)
     shared: bool = True  # corrections: one V per input group (GlowQ)
     factor_dtype: str = "float16"
@@ -73,7 +74,7 @@ def check_budget(model, config: BudgetConfig) -> None:
 
 def _quantize(weight, spec: QuantSpec, config: BudgetConfig, xtx) -> QuantizedBase:
     if config.method == "gptq":  # with the quantize step's GPTQ defaults
-        return gptq(weight, xtx, spec, QuantizeConfig.damping, QuantizeConfig.block_size)
+        return gptq(weight, xtx, spec, QuantizeConfig.damping, QuantizeConfig.block_size, config.clip_search)
     return QuantizedBase.from_weight(weight, spec)
 
 
