@@ -43,6 +43,26 @@ def test_shared_correction_is_one_projection_computed_once(llama, stats_for, inp
     assert projection.calls == 1
 
 
+def test_balanced_members_lower_the_summed_relative_error(make_model, stats_for):
+    """Balancing makes the shared V minimise the sum of the members' relative
+    errors, which is what the per-linear report measures."""
+    totals = {}
+    for balance in (False, True):
+        model = make_model("llama")
+        reports = _run(model, stats_for(model), shared=True, ranks=RankPolicy(rank=4), factor_dtype="float32", balance_members=balance)
+        totals[balance] = sum(r.calib_error for r in reports if r.step == "correct" and r.calib_error is not None)
+    assert totals[True] < totals[False]
+
+
+def test_balancing_a_single_linear_changes_nothing(make_model, stats_for):
+    dense = {}
+    for balance in (False, True):
+        model = make_model("llama")
+        _run(model, stats_for(model), shared=False, ranks=RankPolicy(rank=4), factor_dtype="float32", balance_members=balance)
+        dense[balance] = model.get_submodule(QKV[0]).to_dense()
+    torch.testing.assert_close(dense[True], dense[False], rtol=1e-5, atol=1e-5)
+
+
 def test_full_rank_correction_restores_the_weight(llama, stats_for):
     weights = {n: llama.get_submodule(n).weight.detach().clone() for n in QKV}
     _run(llama, stats_for(llama), shared=False, ranks=RankPolicy(rank=32), factor_dtype="float32")

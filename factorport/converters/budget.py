@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from ..ops import CompressedLinear, QuantizedBase, QuantSpec
 from .calibration import CalibrationStats
-from .correct import CorrectConfig, _units
-from .factorize import input_transform, svd_of, truncate
+from .correct import CorrectConfig, _units, stacked_error_svd
+from .factorize import input_transform, truncate
 from .quantize import QuantizeConfig, gptq
 from .report import LayerReport, module_bytes, output_error
 from .share import attach_projection, member_rows
@@ -49,6 +49,7 @@ class BudgetConfig:
     clip_search: bool = False  # for GPTQ (see QuantizeConfig)
     correction_ranks: tuple[int, ...] = (0, 16, 32, 64)
     shared: bool = True  # corrections: one V per input group (GlowQ)
+    balance_members: bool = False  # see CorrectConfig.balance_members
     factor_dtype: str = "float16"
 
 
@@ -138,14 +139,12 @@ def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progres
     for unit in tqdm(units, desc=f"budget (int{'/'.join(map(str, config.bits))} x ranks)", unit="unit", disable=not progress):
         weights = [model.get_submodule(n).weight.detach() for n in unit]
         whitening = input_transform("whitened", stats.xtx(unit[0]), 0.0, 1e-6)
-        reference = float((torch.cat(weights).double() @ whitening[0]).pow(2).sum())
         outs = sum(w.shape[0] for w in weights)
         options, menu = [], {}
         for bits in config.bits:
             spec = QuantSpec(bits, config.group_size, config.symmetric)
             bases = [_quantize(w, spec, config, stats.xtx(n, config.sink_weight)) for n, w in zip(unit, weights)]
-            error = torch.cat([w.double() - b.to_dense().double() for w, b in zip(weights, bases)])
-            p, s, right = svd_of(error, whitening)
+            p, s, right, reference = stacked_error_svd(weights, [b.to_dense() for b in bases], whitening, config.balance_members)
             menu[bits] = (bases, p, s, right)
             base_bytes = sum(module_bytes(b) for b in bases)
             energy = (s**2).double()

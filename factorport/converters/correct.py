@@ -39,6 +39,10 @@ class CorrectConfig:
     factor_dtype: str = "float16"
     damping: float = 1e-6
     sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
+    # shared: each member's error enters the stacked SVD divided by the norm of
+    # its own output ‖W·Xᵀ‖, so the shared V serves every member's relative
+    # error, not mostly the widest member's (q has three times k's rows).
+    balance_members: bool = False
 
 
 def _units(model, config: CorrectConfig) -> list[tuple[str, ...]]:
@@ -49,6 +53,21 @@ def _units(model, config: CorrectConfig) -> list[tuple[str, ...]]:
     wanted = set(chosen)
     groups = [tuple(n for n in g if n in wanted) for g in input_groups(model, arch_for(model.config))]
     return [g for g in groups if g]
+
+
+def stacked_error_svd(weights, bases, transform, balance: bool):
+    """Whitened SVD of a unit's stacked error W - base: (P, σ, right, reference),
+    with P·diag(σ)·right ≈ the stacked error and `reference` the stacked
+    output energy in σ²'s units. With `balance`, each member is divided by its
+    output norm ‖W·S‖ before the SVD (and P's rows multiplied back after), so
+    σ² and `reference` count every member's error relative to its output."""
+    weights = [w.double() for w in weights]
+    scales = [float((w @ transform[0]).norm()) if balance else 1.0 for w in weights]
+    error = torch.cat([(w - b.double()) / c for w, b, c in zip(weights, bases, scales)])
+    p, s, right = svd_of(error, transform)
+    p = p * torch.cat([torch.full((w.shape[0], 1), c, dtype=p.dtype) for w, c in zip(weights, scales)])
+    reference = float(sum((w @ transform[0]).pow(2).sum() / c**2 for w, c in zip(weights, scales)))
+    return p, s, right, reference
 
 
 def check_correct(model, config: CorrectConfig) -> None:
@@ -75,17 +94,15 @@ def correct_(
     for unit in tqdm(units, desc=f"correct ({'shared' if config.shared else 'per-linear'} eora)", unit="unit", disable=not progress):
         started = time.perf_counter()
         modules = [model.get_submodule(n) for n in unit]
-        error = torch.cat([originals[n].double() - m.base.to_dense().double() for n, m in zip(unit, modules)])
-        original = torch.cat([originals[n].double() for n in unit])
         transform = input_transform("whitened", stats.xtx(unit[0], config.sink_weight), 0.0, config.damping)
-        p, s, right = svd_of(error, transform)
-        reference = float((original @ transform[0]).pow(2).sum())
+        weights = [originals[n] for n in unit]
+        p, s, right, reference = stacked_error_svd(weights, [m.base.to_dense() for m in modules], transform, config.balance_members)
         decompositions[unit] = (p, s, right, time.perf_counter() - started)
         candidates.append(
             Candidate(
                 name=unit[0] if len(unit) == 1 else shared_name(unit),
-                out_features=error.shape[0],
-                in_features=error.shape[1],
+                out_features=p.shape[0],
+                in_features=right.shape[1],
                 energy=(s**2).float(),
                 dense_bytes=sum(m.base.num_params() for m in modules) * 2,  # unused for corrections
                 factor_element_bytes=torch.empty(0, dtype=dtype).element_size(),
