@@ -40,8 +40,9 @@ class CorrectConfig:
     damping: float = 1e-6
     sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
     # shared: each member's error enters the stacked SVD divided by the norm of
-    # its own output ‖W·Xᵀ‖, so the shared V serves every member's relative
-    # error, not mostly the widest member's (q has three times k's rows).
+    # its own output ‖W·Xᵀ‖, so the shared V minimises the sum of the members'
+    # relative errors rather than their summed absolute error, in which the
+    # widest member (q: three times k's rows) weighs most.
     balance_members: bool = False
 
 
