@@ -15,6 +15,7 @@ are exactly the remaining output error on the calibration data.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,10 @@ def stacked_error_svd(weights, bases, transform, balance: bool):
     σ² and `reference` count every member's error relative to its output."""
     weights = [w.double() for w in weights]
     scales = [float((w @ transform[0]).norm()) if balance else 1.0 for w in weights]
+    # only the members' ratios matter; a geometric mean of 1 keeps U and V
+    # as large as without balancing (float16 factors), and a lone linear as is
+    mean = math.prod(scales) ** (1 / len(scales))
+    scales = [c / mean for c in scales]
     error = torch.cat([(w - b.double()) / c for w, b, c in zip(weights, bases, scales)])
     p, s, right = svd_of(error, transform)
     p = p * torch.cat([torch.full((w.shape[0], 1), c, dtype=p.dtype) for w, c in zip(weights, scales)])
