@@ -27,6 +27,7 @@ from factorport.converters.report import module_bytes
 from factorport.formats import safetensors_dir
 from factorport.recipe import load_recipe
 
+
 def preset(name: str):
     return load_recipe(name).steps
 

@@ -28,18 +28,19 @@ TINY = dict(
 )
 
 
-def _build(arch: str, seed: int = 0):
+def _build(arch: str, seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
+    tiny = {**TINY, **overrides}
     if arch == "llama":
-        config = transformers.LlamaConfig(**TINY, tie_word_embeddings=True)
+        config = transformers.LlamaConfig(**tiny, tie_word_embeddings=True)
         cls = transformers.LlamaForCausalLM
     elif arch == "mistral":
-        config = transformers.MistralConfig(**TINY, tie_word_embeddings=False, sliding_window=None)
+        config = transformers.MistralConfig(**tiny, tie_word_embeddings=False, sliding_window=None)
         cls = transformers.MistralForCausalLM
     elif arch == "qwen2":
-        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=False)
+        config = transformers.Qwen2Config(**tiny, tie_word_embeddings=False)
         cls = transformers.Qwen2ForCausalLM
     else:  # pragma: no cover
         raise ValueError(arch)
@@ -55,7 +56,7 @@ def _build(arch: str, seed: int = 0):
 
 @pytest.fixture
 def make_model():
-    """Factory: make_model('llama' | 'mistral' | 'qwen2', seed=0) -> a fresh tiny model."""
+    """Factory: make_model('llama' | 'mistral' | 'qwen2', seed=0, **config overrides) -> a fresh tiny model."""
     return _build
 
 

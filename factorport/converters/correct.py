@@ -64,7 +64,8 @@ def stacked_error_svd(weights, bases, transform, balance: bool):
     output norm ‖W·S‖ before the SVD (and P's rows multiplied back after), so
     σ² and `reference` count every member's error relative to its output."""
     weights = [w.double() for w in weights]
-    scales = [float((w @ transform[0]).norm()) if balance else 1.0 for w in weights]
+    energies = [float((w @ transform[0]).pow(2).sum()) for w in weights]  # ‖W·S‖² per member
+    scales = [math.sqrt(e) if balance else 1.0 for e in energies]
     # only the members' ratios matter; a geometric mean of 1 keeps U and V
     # as large as without balancing (float16 factors), and a lone linear as is
     mean = math.prod(scales) ** (1 / len(scales))
@@ -72,7 +73,7 @@ def stacked_error_svd(weights, bases, transform, balance: bool):
     error = torch.cat([(w - b.double()) / c for w, b, c in zip(weights, bases, scales)])
     p, s, right = svd_of(error, transform)
     p = p * torch.cat([torch.full((w.shape[0], 1), c, dtype=p.dtype) for w, c in zip(weights, scales)])
-    reference = float(sum((w @ transform[0]).pow(2).sum() / c**2 for w, c in zip(weights, scales)))
+    reference = sum(e / c**2 for e, c in zip(energies, scales))
     return p, s, right, reference
 
 
