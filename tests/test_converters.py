@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import correlated_activations
+from tolerances import network_tolerance
 from factorport.converters import (
     CalibrationConfig,
     FactorizeConfig,
@@ -502,7 +503,7 @@ def test_qwen2_dense_base_reproduces_outputs(qwen2, input_ids):
         qwen2.set_submodule(name, CompressedLinear.from_linear(lin, DenseBase(lin.weight.detach())))
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None
     assert qwen2.model.layers[0].mlp.up_proj.bias is None
-    torch.testing.assert_close(_logits(qwen2, input_ids), ref, rtol=1e-5, atol=1e-5)
+    assert (_logits(qwen2, input_ids) - ref).abs().max() <= network_tolerance(qwen2.config, input_ids.shape[-1]) * ref.abs().max()
 
 
 def test_qwen2_biases_survive_conversion(qwen2, stats_for, input_ids):

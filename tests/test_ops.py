@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from tolerances import assert_product_close
+
 from factorport.ops import (
     BlockSparseBase,
     CompressedLinear,
@@ -85,7 +87,7 @@ def test_lowrank_only_forward():
     u, proj = _lowrank()
     lin = CompressedLinear(IN, OUT, None, u, proj)
     x = _rand(4, IN, seed=3)
-    torch.testing.assert_close(lin(x), x @ (u @ proj.V).T, rtol=1e-5, atol=1e-5)
+    assert_product_close(lin(x), x @ (u @ proj.V).T, x, proj.V.T, u.T)
     torch.testing.assert_close(lin.to_dense(), u @ proj.V)
     assert lin.rank == 6
 
@@ -115,7 +117,7 @@ def test_rows_equal_dense_rows(name, base):
     ids = torch.tensor([[0, 5, 47], [3, 3, 20]])
     rows = lin.rows(ids)
     assert rows.shape == (2, 3, IN)
-    torch.testing.assert_close(rows, lin.to_dense()[ids], rtol=1e-5, atol=1e-5)
+    assert_product_close(rows, lin.to_dense()[ids], u[ids], proj.V, extra=base.to_dense()[ids])
     torch.testing.assert_close(base.rows(ids), base.to_dense()[ids], rtol=0, atol=0)
 
 
@@ -181,7 +183,7 @@ def test_shared_projection_one_matmul_per_forward():
     outs = block(x)
     assert proj.calls == 1
     for m, y in zip(members, outs):
-        torch.testing.assert_close(y, x @ m.to_dense().T, rtol=1e-5, atol=1e-5)
+        assert_product_close(y, x @ m.to_dense().T, x, proj.V.T, m.U.T)
     block(x.clone())  # a new input tensor: one more matmul, not three
     assert proj.calls == 2
     with torch.inference_mode():
@@ -197,7 +199,7 @@ def test_shared_projection_recomputes_after_in_place_change():
     x.mul_(2.0)
     y = members[1](x)
     assert proj.calls == 2
-    torch.testing.assert_close(y, x @ members[1].to_dense().T, rtol=1e-5, atol=1e-5)
+    assert_product_close(y, x @ members[1].to_dense().T, x, proj.V.T, members[1].U.T)
 
 
 def test_private_projections_one_matmul_each():
@@ -229,7 +231,7 @@ def test_set_lowrank_switches_to_shared():
     assert "projection.V" not in lin.state_dict()
     assert lin.V is shared and lin.shared_name == "g"
     x = _rand(2, IN, seed=4)
-    torch.testing.assert_close(lin(x), x @ (lin.base.weight + u @ shared.V).T, rtol=1e-5, atol=1e-5)
+    assert_product_close(lin(x), x @ (lin.base.weight + u @ shared.V).T, x, shared.V.T, u.T, extra=x.abs() @ lin.base.weight.abs().T)
 
 
 # ------------------------------------------------------------------ tied embedding
@@ -248,7 +250,10 @@ def test_tied_embedding_reads_compressed_head(kind):
     ids = torch.tensor([[1, 7, 39], [0, 0, 12]])
     out = emb(ids)
     assert out.shape == (2, 3, dim)
-    torch.testing.assert_close(out, head.to_dense()[ids], rtol=1e-5, atol=1e-5)
+    if u is None:
+        assert torch.equal(out, head.to_dense()[ids])
+    else:
+        assert_product_close(out, head.to_dense()[ids], u[ids], proj.V, extra=0 if base is None else base.to_dense()[ids])
     torch.testing.assert_close(emb.weight, head.to_dense())
     # the table is not a child of the embedding (stored once, with the head)
     assert list(emb.state_dict()) == []
