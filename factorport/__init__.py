@@ -3,7 +3,19 @@ sparse-quantized linears) -> safetensors / ONNX / GGUF, validated on every runti
 
 __version__ = "0.1.0"
 
-from .api import convert, evaluate, export, generate, load, open_output, perplexity  # noqa: E402
+from .api import bench, convert, evaluate, export, generate, load, open_output, perplexity, validate  # noqa: E402
 from .errors import FactorportError  # noqa: E402
 
-__all__ = ["FactorportError", "__version__", "convert", "evaluate", "export", "generate", "load", "open_output", "perplexity"]
+__all__ = [
+    "FactorportError",
+    "__version__",
+    "bench",
+    "convert",
+    "evaluate",
+    "export",
+    "generate",
+    "load",
+    "open_output",
+    "perplexity",
+    "validate",
+]

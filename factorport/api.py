@@ -6,8 +6,14 @@
     factorport.evaluate(out)                                              # perplexity in torch
     factorport.export(out, ["onnx", "gguf"])                              # add runtime artifacts
     factorport.evaluate(out, backend="onnxruntime")                       # ... and run them
+    factorport.validate(out)                                              # every artifact vs torch: a dict
+    factorport.bench(out)                                                 # speed and memory: a dict
 
 Data flows one way: load -> calibrate -> convert -> write -> evaluate.
+Every function that reads an output directory first checks the sha256 of
+its files against manifest.json and refuses on the first difference
+(`verify=False` skips that); native runtimes (onnxruntime, llama.cpp) run
+in a child process, so a crash there is a FactorportError here.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ def convert(
                 "factorport_version": __version__,
                 "source": {"name": source.name, "kind": source.kind, "path": source.path},
                 "recipe": {"name": recipe.name, "text": recipe.text},
+                # what `validate` holds this artifact to, so it never re-parses the recipe
+                "validation": {"thresholds": dict(recipe.thresholds)},
             },
         )
     return output
@@ -160,19 +168,21 @@ def export(
     force: bool = False,
     progress: bool = True,
     export_options: dict[str, dict] | None = None,
+    verify: bool = True,
 ) -> Path:
     """Add OUTPUT/<format> for each of `formats` to an existing factorport
-    output, from its safetensors artifact; the manifest is re-hashed."""
+    output, from its safetensors artifact (after checking its files against
+    the manifest, unless `verify` is False); the manifest is re-hashed."""
     output = Path(path)
-    if find_artifact(output) is None or not (output / SAFETENSORS).is_dir():
+    if not (output / SAFETENSORS).is_dir():
         raise FactorportError(f"{output} is not a factorport output directory (no {SAFETENSORS}/); convert first")
-    problems = manifest.verify_manifest(output)
-    if problems:
-        raise FactorportError(f"{output} does not match its manifest ({problems[0]}); re-convert it")
+    check_manifest(output, verify, required=True)
+    if find_artifact(output) is None:
+        raise FactorportError(f"{output} is not a factorport output directory (no {SAFETENSORS}/{safetensors_dir.WEIGHTS}); convert first")
     exporters = {name: exporter(name) for name in formats if name != SAFETENSORS}
     for name in exporters:
         refuse_existing(output / name, force)
-    model, tokenizer = load(output)
+    model, tokenizer = load(output, verify=False)  # checked above
     for name, export_to in exporters.items():
         with staged_output(output / name, force) as tmp:
             if progress:
@@ -184,8 +194,43 @@ def export(
     return output
 
 
-def load(path: str | Path):
-    """(model, tokenizer) from a factorport output directory or its safetensors directory."""
+def manifest_root(path: str | Path) -> Path | None:
+    """The factorport output whose manifest.json covers `path`: `path` itself,
+    or the output above it when `path` is its safetensors directory."""
+    path = Path(path)
+    if (path / manifest.MANIFEST).is_file():
+        return path
+    if path.name == SAFETENSORS and (path.parent / manifest.MANIFEST).is_file():
+        return path.parent
+    return None
+
+
+def check_manifest(path: str | Path, verify: bool = True, required: bool = False) -> dict | None:
+    """The manifest covering `path` (None when there is none and it is not
+    `required`), after checking every file it lists against its sha256: a
+    changed or missing file is refused, in one line, before any runtime
+    reads anything. `verify=False` skips the hashes, not the reading."""
+    root = manifest_root(path)
+    if root is None:
+        if required and verify:
+            manifest.read_manifest(Path(path))  # raises: no manifest.json, and what to do
+        return None
+    info = manifest.read_manifest(root)
+    if verify:
+        problems = manifest.verify_manifest(root, info)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise FactorportError(
+                f"{root / manifest.MANIFEST}: {problems[0]}{more}; re-convert or re-export the artifact (--no-verify skips this check)"
+            )
+    return info
+
+
+def load(path: str | Path, verify: bool = True):
+    """(model, tokenizer) from a factorport output directory or its safetensors
+    directory; its files are checked against manifest.json first when there is
+    one (a bare safetensors directory has none)."""
+    check_manifest(path, verify)
     directory = find_artifact(path)
     if directory is None:
         raise FactorportError(f"{path} is not a factorport artifact (no {SAFETENSORS}/{safetensors_dir.WEIGHTS})")
@@ -222,34 +267,202 @@ def evaluate(
     seq_len: int = 512,
     progress: bool = True,
     backend: str = "torch",
+    verify: bool = True,
+    timeout: float | None = None,
     **options,
 ) -> float:
     """Perplexity of a model name/path (torch) or of a factorport output
-    through `backend` ("torch", "onnxruntime", "llama.cpp")."""
+    through `backend` ("torch", "onnxruntime", "llama.cpp"); `timeout`: seconds
+    one call of a native runtime may take before its process is killed."""
+    if model_or_dir is not None:
+        check_manifest(model_or_dir, verify)
     if backend == "torch" and (model_or_dir is None or find_artifact(model_or_dir) is None):
         model, tokenizer = load_any(model_or_dir)
         return perplexity(model, tokenizer, text, windows, seq_len, progress)
-    return backend_perplexity(open_output(model_or_dir, backend, **options), text, windows, seq_len, progress)
+    runtime = open_output(model_or_dir, backend, verify=False, timeout=timeout, **options)  # checked above
+    try:
+        return backend_perplexity(runtime, text, windows, seq_len, progress)
+    finally:
+        _close(runtime)
 
 
-def open_output(output: str | Path | None, backend: str = "torch", **options):
-    """Open a factorport output directory with one backend."""
+def evaluate_report(
+    model_or_dir: str | None = None,
+    text=None,
+    windows: int = 40,
+    backend: str = "torch",
+    reference: bool = True,
+    progress: bool = True,
+    verify: bool = True,
+    timeout: float | None = None,
+    **options,
+) -> dict:
+    """`factorport eval`: the perplexity of `model_or_dir` through `backend`
+    and, for a factorport output with `reference`, the dense source model's
+    beside it (`dense_perplexity`, `ratio`, `dense_name`)."""
+    info = check_manifest(model_or_dir, verify) if model_or_dir is not None else None
+    result = {"model": model_or_dir or "embedded default", "windows": windows, "seq_len": 512, "backend": backend}
+    result["perplexity"] = evaluate(model_or_dir, text, windows, progress=progress, backend=backend, verify=False, timeout=timeout, **options)
+    if info and reference and find_artifact(model_or_dir) is not None:
+        source = info["source"]
+        dense = None if source["kind"] == "default" else source["path"]
+        result["dense_name"] = source["name"]
+        result["dense_perplexity"] = evaluate(dense, text, windows, progress=progress)
+        result["ratio"] = result["perplexity"] / result["dense_perplexity"]
+    return result
+
+
+def open_output(
+    output: str | Path | None,
+    backend: str = "torch",
+    verify: bool = True,
+    isolated: bool | None = None,
+    timeout: float | None = None,
+    **options,
+):
+    """Open a factorport output directory with one backend, after checking its
+    files against its manifest (`verify`). Native backends run in a child
+    process unless `isolated` is False (see validators/backends/isolated.py)."""
     from .validators.backends import open_backend
 
+    if output is not None:
+        check_manifest(output, verify)
     if output is None or find_artifact(output) is None:
         raise FactorportError(f"{output} is not a factorport output directory; convert a model first")
     output = Path(output)
     if output.name == SAFETENSORS:  # accept the artifact directory itself
         output = output.parent
-    return open_backend(backend, output, **options)
+    return open_backend(backend, output, isolated=isolated, timeout=timeout, **options)
 
 
-def generate(output: str | Path, prompt: str, new_tokens: int = 64, backend: str = "torch", chat: bool = False, **options) -> str:
+def generate(
+    output: str | Path,
+    prompt: str,
+    new_tokens: int = 64,
+    backend: str = "torch",
+    chat: bool = False,
+    verify: bool = True,
+    timeout: float | None = None,
+    **options,
+) -> str:
     """Greedy continuation of `prompt` by a factorport output through `backend`.
     With `chat`, the prompt is wrapped in the model's chat template first."""
-    runtime = open_output(output, backend, **options)
-    if chat:
-        _, tokenizer = load(output)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = runtime.tokenize(prompt)
-    return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)
+    runtime = open_output(output, backend, verify=verify, timeout=timeout, **options)
+    try:
+        if chat:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(find_artifact(output))
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = runtime.tokenize(prompt)
+        return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)
+    finally:
+        _close(runtime)
+
+
+def _close(runtime) -> None:
+    """Free a runtime now (an isolated one's child process exits)."""
+    getattr(runtime, "close", lambda: None)()
+
+
+def validate(
+    output: str | Path,
+    backends: Sequence[str] | None = None,
+    text: str | Path | None = None,
+    windows: int = 8,
+    against: str | None = None,
+    thresholds: dict[str, float] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    timeout: float | None = None,
+    report: bool = True,
+    json_path: str | Path | None = None,
+    junit_path: str | Path | None = None,
+) -> dict:
+    """Check every exported artifact of `output` (or those of `backends`:
+    onnxruntime, onnxruntime-int8, llama.cpp) against the torch reference:
+    the manifest's hashes first, then logit parity and perplexity on `windows`
+    windows of `text`. Threshold overrides: those stored at convert time, then
+    `thresholds` ({"[backend:]metric": limit}). A backend that fails to load,
+    crashes or hangs (`timeout` seconds a call) fails its own check.
+
+    Returns the result dict (schema in docs/validation.md; `passed`,
+    `failures`); writes OUTPUT/report/validation.md and .json unless `report`
+    is False, and the JSON / JUnit XML to `json_path` / `junit_path`."""
+    from .validators.report import validation_junit, write_validation_reports
+    from .validators.validate import ValidateConfig, validate as run_validation
+
+    config = ValidateConfig(
+        text=Path(text or DEFAULT_TEXT),
+        backends=list(backends) if backends else None,
+        windows=windows,
+        against=against,
+        thresholds=dict(thresholds or {}),
+        options={name: {"threads": threads} for name in ("onnxruntime", "llama.cpp")} if threads else {},
+        progress=progress,
+        verify=verify,
+        timeout=timeout,
+    )
+    result = run_validation(output, config)
+    if report:
+        write_validation_reports(result, Path(output) / "report")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if junit_path:
+        Path(junit_path).write_text(validation_junit(result))
+    return result
+
+
+def bench(
+    output: str | Path,
+    backends: Sequence[str] | None = None,
+    anchors: bool = True,
+    against: str | None = None,
+    text: str | Path | None = None,
+    prompt_tokens: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    threads: int | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    timeout: float | None = None,
+    report: bool = True,
+    json_path: str | Path | None = None,
+    **settings,
+) -> dict:
+    """Load time, prefill, decode speed and peak memory of every artifact of
+    `output` (or those of `backends`), each in a fresh process, next to the
+    anchors made from the original model (`against`, default the manifest's
+    source; `anchors=False` skips them) and to the memory-bandwidth bound;
+    says whether the machine was busy. `settings`: further BenchConfig
+    fields (perplexity_windows, bandwidth_repeats).
+
+    Returns the result dict (`runs`, `machine`, `passed`); writes
+    OUTPUT/report/bench.md, bench.json and plots unless `report` is False,
+    and the JSON to `json_path`."""
+    from .validators.bench import BenchConfig, bench as run_bench, targets_for
+    from .validators.report import write_bench_reports
+
+    output = Path(output)
+    info = check_manifest(output, verify, required=True) or {}
+    source = info.get("source") or {}
+    model_name = against or (None if source.get("kind", "default") == "default" else source.get("path"))
+    config = BenchConfig(
+        text=Path(text or DEFAULT_TEXT),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        threads=threads,
+        progress=progress,
+        timeout=timeout,
+        **settings,
+    )
+    targets = targets_for(output, list(backends) if backends else None, anchors, model_name, progress)
+    result = run_bench(targets, config)
+    result["manifest"] = {"checked": verify}
+    if report:
+        write_bench_reports(result, output / "report")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,4 +1,6 @@
-"""The `factorport` command. Every user error is one line on stderr and exit 2."""
+"""The `factorport` command: argument parsing and printing over the Python API
+(factorport/api.py), one `_<command>` function and one parser block each.
+Every user error is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -41,8 +43,15 @@ def _step_options(args) -> dict[str, dict]:
     return options
 
 
+def _verify(args) -> bool:
+    """Whether to check manifest.json; says so on stderr when not."""
+    if args.no_verify:
+        print("factorport: not checking manifest.json (--no-verify)", file=sys.stderr)
+    return not args.no_verify
+
+
 def _backend_options(args) -> dict:
-    options = {}
+    options = {"verify": _verify(args), "timeout": args.timeout}
     if args.threads:
         options["threads"] = args.threads
     if args.accuracy_level is not None:
@@ -74,7 +83,10 @@ def _convert(args) -> None:
 def _export(args) -> None:
     from .api import export
 
-    out = export(args.path, _formats(args.format), force=args.force, progress=not args.quiet, export_options=_export_options(args))
+    out = export(
+        args.path, _formats(args.format), force=args.force, progress=not args.quiet,
+        export_options=_export_options(args), verify=_verify(args),
+    )
     print(f"factorport: wrote {', '.join(str(out / f) for f in _formats(args.format))}")
 
 
@@ -85,93 +97,82 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
-    from .api import evaluate
-    from .formats.manifest import read_manifest
-    from .formats.safetensors_dir import find_artifact
+    from .api import evaluate_report
 
-    result = {"model": args.model or "embedded default", "windows": args.windows, "seq_len": 512}
-    result["backend"] = args.backend
-    result["perplexity"] = evaluate(args.model, args.text, args.windows, progress=not args.quiet, backend=args.backend, **_backend_options(args))
-    print(f"perplexity ({args.model or 'embedded default'}, {args.backend}): {result['perplexity']:.4f}")
-    if args.model and find_artifact(args.model) is not None and not args.no_reference:
-        manifest_dir = Path(args.model)
-        if (manifest_dir / "manifest.json").exists():
-            source = read_manifest(manifest_dir)["source"]
-            reference = None if source["kind"] == "default" else source["path"]
-            result["dense_perplexity"] = evaluate(reference, args.text, args.windows, progress=not args.quiet)
-            result["ratio"] = result["perplexity"] / result["dense_perplexity"]
-            print(f"perplexity (dense {source['name']}): {result['dense_perplexity']:.4f}  ratio {result['ratio']:.3f}x")
+    result = evaluate_report(
+        args.model, args.text, args.windows, backend=args.backend, reference=not args.no_reference,
+        progress=not args.quiet, **_backend_options(args),
+    )
+    print(f"perplexity ({result['model']}, {args.backend}): {result['perplexity']:.4f}")
+    if "dense_perplexity" in result:
+        print(f"perplexity (dense {result['dense_name']}): {result['dense_perplexity']:.4f}  ratio {result['ratio']:.3f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _validate(args) -> int:
-    from .api import DEFAULT_TEXT
-    from .validators.report import validation_junit, write_validation_reports
-    from .validators.validate import ValidateConfig, validate, write_json
-
+def _thresholds(items: list[str] | None) -> dict[str, float]:
     thresholds = {}
-    for item in args.threshold or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         try:
             thresholds[key] = float(value)
         except ValueError:
             raise FactorportError(f"--threshold {item!r}: expected METRIC=NUMBER or BACKEND:METRIC=NUMBER") from None
-    options = {"onnxruntime": {}, "llama.cpp": {}}
-    if args.threads:
-        options = {name: {"threads": args.threads} for name in options}
-    config = ValidateConfig(
-        text=Path(args.text or DEFAULT_TEXT),
+    return thresholds
+
+
+def _validate(args) -> int:
+    from .api import validate
+
+    result = validate(
+        args.path,
         backends=_formats(args.backend) if args.backend else None,
+        text=args.text,
         windows=args.windows,
         against=args.against,
-        thresholds=thresholds,
-        options=options,
+        thresholds=_thresholds(args.threshold),
+        threads=args.threads,
         progress=not args.quiet,
+        verify=_verify(args),
+        timeout=args.timeout,
+        json_path=args.json,
+        junit_path=args.junit,
     )
-    result = validate(args.path, config)
-    report = Path(args.path) / "report"
-    write_validation_reports(result, report)
-    if args.json:
-        write_json(result, Path(args.json))
-    if args.junit:
-        Path(args.junit).write_text(validation_junit(result))
     for label, entry in result["backends"].items():
         print(f"{label}: perplexity {entry.get('perplexity', float('nan')):.4f}  top-1 {entry.get('top1_agreement', float('nan')):.4f}  "
               f"mean KL {entry.get('mean_kl', float('nan')):.2e}  {'passed' if entry['passed'] else 'FAILED'}")
     for failure in result["failures"]:
         print(f"factorport: validation failed: {failure}", file=sys.stderr)
-    print(f"factorport: validation {'passed' if result['passed'] else 'FAILED'}; report in {report / 'validation.md'}")
+    report = Path(args.path) / "report" / "validation.md"
+    print(f"factorport: validation {'passed' if result['passed'] else 'FAILED'}; report in {report}")
     return 0 if result["passed"] else 1
 
 
 def _bench(args) -> int:
-    from .api import DEFAULT_TEXT
-    from .formats.manifest import read_manifest
-    from .validators.bench import BenchConfig, bench, targets_for
-    from .validators.report import bench_markdown, write_bench_reports
-    from .validators.validate import write_json
+    from .api import bench
+    from .validators.report import bench_markdown
 
-    output = Path(args.path)
-    source = read_manifest(output).get("source") or {}
-    model_name = args.against or (None if source.get("kind") == "default" else source.get("path"))
-    config = BenchConfig(
-        text=Path(args.text or DEFAULT_TEXT),
+    result = bench(
+        args.path,
+        backends=_formats(args.backend) if args.backend else None,
+        anchors=not args.no_anchors,
+        against=args.against,
+        text=args.text,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         threads=args.threads,
         progress=not args.quiet,
+        verify=_verify(args),
+        timeout=args.timeout,
+        json_path=args.json,
     )
-    targets = targets_for(output, _formats(args.backend) if args.backend else None, not args.no_anchors, model_name, not args.quiet)
-    result = bench(targets, config)
-    write_bench_reports(result, output / "report")
-    if args.json:
-        write_json(result, Path(args.json))
     print(bench_markdown(result))
     for run in result["runs"]:
         if "error" in run:
             print(f"factorport: bench failed: {run['label']} ({run['backend']}): {run['error']}", file=sys.stderr)
+    if result["machine"]["loaded"]:
+        print(f"factorport: bench ran on a loaded machine ({'; '.join(result['machine']['loaded_reasons'])})", file=sys.stderr)
     return 0 if result["passed"] else 1
 
 
@@ -192,6 +193,14 @@ def _inspect(args) -> None:
         print(format_table(summary))
 
 
+def _doctor(args) -> int:
+    from .doctor import doctor, doctor_text
+
+    report = doctor(smoke=not args.no_smoke, progress=not args.quiet)
+    print(json.dumps(report, indent=2) if args.json else doctor_text(report))
+    return 0 if report["passed"] else 1
+
+
 def _add_format_flags(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--format",
@@ -208,8 +217,21 @@ def _add_format_flags(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--gguf-type", help="GGUF: ggml type for tensors without a lossless mapping (e.g. Q8_0, Q4_K_M)")
 
 
+def _add_verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true", help="do not check the files' sha256 against manifest.json first")
+
+
+CALL_TIMEOUT_HELP = "seconds one call of a native runtime may take before its process is killed (default $FACTORPORT_BACKEND_TIMEOUT or 900)"
+
+
+def _add_timeout_flag(p: argparse.ArgumentParser, help: str = CALL_TIMEOUT_HELP) -> None:
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help=help)
+
+
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", help="torch (default), onnxruntime or llama.cpp")
+    _add_verify_flag(p)
+    _add_timeout_flag(p)
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="onnxruntime MatMulNBits: 0 fp32 compute, 4 int8 activations")
 
@@ -235,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="factorport output directory (holds safetensors/)")
     p.add_argument("--force", action="store_true", help="overwrite an existing exported artifact")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_verify_flag(p)
     _add_format_flags(p, default=None)
     p.set_defaults(run=_export)
 
@@ -264,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", help="the original model for the quality table (default: the manifest's source)")
     p.add_argument("--threshold", action="append", metavar="[BACKEND:]METRIC=LIMIT", help="override a threshold (repeatable)")
     p.add_argument("--threads", type=int, help="runtime threads")
+    _add_verify_flag(p)
+    _add_timeout_flag(p)
     p.add_argument("--json", help="also write the result JSON here")
     p.add_argument("--junit", help="write JUnit XML here")
     p.add_argument("--quiet", action="store_true")
@@ -279,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="prompt and perplexity text (default: WikiText-2 test)")
     p.add_argument("--against", help="the original model the anchors are made from (default: the manifest's source)")
     p.add_argument("--no-anchors", action="store_true", help="skip Optimum fp32 and llama.cpp's own quantization")
+    _add_verify_flag(p)
+    _add_timeout_flag(p, "seconds one artifact's worker process may take before it is killed (default: no limit)")
     p.add_argument("--json", help="also write the result JSON here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_bench)
@@ -294,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("doctor", help="runtime versions, CPU features, what each native library uses, a smoke test per backend")
+    p.add_argument("--no-smoke", action="store_true", help="skip the smoke tests (no model is exported or run)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_doctor)
     return parser
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .api import DEFAULT_TEXT, convert
-from .validators.bench import BenchConfig, bench, targets_for
-from .validators.report import bench_markdown, write_bench_reports, write_validation_reports
-from .validators.validate import ValidateConfig, validate
+from .api import bench, convert, validate
+from .validators.report import bench_markdown
 
 DEMO_RECIPE = "glowq-demo"
 FORMATS = ("safetensors", "onnx", "gguf")
+BACKENDS = ("onnxruntime", "onnxruntime-int8", "llama.cpp")
 
 
 def run_demo(output: str | Path = "demo-out", force: bool = False, repeats: int = 3, progress: bool = True) -> dict:
@@ -30,13 +29,10 @@ def run_demo(output: str | Path = "demo-out", force: bool = False, repeats: int 
     report = output / "report"
 
     stage("validate every artifact against the torch reference")
-    validation = validate(output, ValidateConfig(text=DEFAULT_TEXT, backends=["onnxruntime", "onnxruntime-int8", "llama.cpp"], progress=progress))
-    write_validation_reports(validation, report)
+    validation = validate(output, backends=BACKENDS, progress=progress)
 
     stage("bench every runtime (each in a fresh process) next to Optimum fp32 and llama.cpp's own quantization")
-    config = BenchConfig(text=DEFAULT_TEXT, repeats=repeats, progress=progress)
-    measured = bench(targets_for(output, ["onnxruntime", "onnxruntime-int8", "llama.cpp"], True, None, progress), config)
-    write_bench_reports(measured, report)
+    measured = bench(output, backends=BACKENDS, anchors=True, against=None, repeats=repeats, progress=progress)
 
     stage("done")
     if progress:

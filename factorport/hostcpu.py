@@ -107,3 +107,13 @@ def disassembly_findings(library: Path) -> dict[str, int]:
     if proc.returncode != 0:
         raise FactorportError(f"objdump could not disassemble {library} (exit {proc.returncode})")
     return counts
+
+
+def import_llama_cpp():
+    """llama_cpp, imported only on a CPU that can run what was built."""
+    require_llama_cpp_features()
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise FactorportError("llama.cpp is missing; run 'make test' or scripts/install-llama-cpp-python.sh") from exc
+    return llama_cpp

@@ -69,6 +69,9 @@ def _check_architecture(path_or_id: str, **kwargs) -> None:
 
 
 def _load_gguf(path: Path):
+    from .formats.gguf.checks import open_gguf
+
+    open_gguf(path)  # bounded structural check before transformers' reader trusts its counts
     _check_architecture(str(path.parent), gguf_file=path.name)
     model, tokenizer = _from_pretrained(str(path.parent), gguf_file=path.name)
     # transformers has already dequantized every tensor to fp32; drop its GGUF
@@ -85,9 +88,9 @@ def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
     tokens (eos = bos for SmolLM2), adds a BOS the file says not to add, and
     would save the whole GGUF again as `tokenizer.model`: take the special
     tokens from the file's own metadata and keep only the fast tokenizer."""
-    from gguf import GGUFReader
+    from .formats.gguf.checks import open_gguf
 
-    fields = GGUFReader(str(path)).fields
+    fields = open_gguf(path).fields
 
     def value(key):
         return fields[key].contents() if key in fields else None

@@ -89,7 +89,12 @@ def test_truncated_safetensors(w8_artifact, tmp_path):
     weights = broken / "safetensors" / "model.safetensors"
     with open(weights, "r+b") as fh:
         fh.truncate(weights.stat().st_size // 2)
-    assert_one_line_error(factorport("eval", str(broken), "--windows", "1"), "truncated or corrupted")
+    # the manifest is checked before anything reads the file ...
+    assert_one_line_error(factorport("eval", str(broken), "--windows", "1"), "manifest.json: safetensors/model.safetensors: ", "--no-verify")
+    # ... and without it, the reader's own check still refuses the file
+    result = factorport("eval", str(broken), "--windows", "1", "--no-verify")
+    assert_one_line_error(result, "truncated or corrupted")
+    assert "factorport: not checking manifest.json (--no-verify)" in result.stderr
 
 
 def test_unknown_architecture(tmp_path):

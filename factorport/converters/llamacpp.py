@@ -25,6 +25,7 @@ from ..architectures import arch_for
 from ..formats.gguf.metadata import hparams
 from ..formats.gguf.names import NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, gguf_arch, linear_tensor
 from ..ops import CompressedLinear
+from ..hostcpu import require_llama_cpp_features
 from ..ops.ggml import FTYPES, GGMLBase, llamacpp_quantize
 from .calibration import CalibrationStats
 from .report import LayerReport, output_error
@@ -83,6 +84,7 @@ def llamacpp_(model, config: LlamaCppConfig, stats: CalibrationStats | None, pro
     targets = compressible_linears(model, config.targets)
     if progress:
         print(f"factorport: llama.cpp quantizes the model to {config.type}")
+    require_llama_cpp_features()  # llama.cpp's quantizer runs in this process
     blocks = llamacpp_quantize(_all_tensors(model), hparams(model.config, gguf_arch(model.config)), config.type)
     seconds = (time.perf_counter() - started) / len(targets)
     reports = []

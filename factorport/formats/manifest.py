@@ -1,18 +1,25 @@
-"""`manifest.json`: where an artifact came from and the sha256 of every file,
-so a changed or missing file is caught before anything runs."""
+"""`manifest.json`: where an artifact came from and the sha256 and size of
+every file, so a changed, missing or added file is caught before anything
+runs. Entries are checked before a byte is hashed: a relative path inside the
+directory (no absolute path, no `..`, no link leaving it), a regular file,
+the recorded size (manifests written before sizes were recorded are read
+too; their files are hashed without the size check)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import FactorportError
 
 MANIFEST = "manifest.json"
 # Written by `validate` / `bench` after the artifact: measurements, not the artifact.
 UNHASHED = ("report/validation", "report/bench", "report/plots")
+MANIFEST_LIMIT = 64 << 20  # bytes: hashes and a recipe text are far smaller
+SHA256_HEX = 64
 PACKAGES = ("factorport", "torch", "transformers", "safetensors", "gguf", "onnx", "onnxruntime", "llama_cpp_python")
 
 
@@ -34,43 +41,120 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _artifact_files(directory: Path) -> list[str]:
+    """Relative POSIX paths of every file under `directory` the manifest
+    covers: all but the manifest and the unhashed report files. Links to
+    directories are not followed (a listed file behind one is refused)."""
+    found = []
+    for top, dirs, names in os.walk(directory, followlinks=False):
+        for name in names + [d for d in dirs if (Path(top) / d).is_symlink()]:
+            rel = (Path(top) / name).relative_to(directory).as_posix()
+            if rel != MANIFEST and not rel.startswith(UNHASHED):
+                found.append(rel)
+    return sorted(found)
+
+
+def _inside(directory: Path, rel: str) -> bool:
+    """`rel` names a regular file inside `directory`, also once links are resolved."""
+    path = directory / rel
+    return path.is_file() and path.resolve().is_relative_to(directory.resolve())
+
+
 def write_manifest(directory: Path, info: dict) -> dict:
-    """Hash every file under `directory` (except the manifest) and write the manifest."""
-    files = {
-        str(p.relative_to(directory)): sha256(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not str(p.relative_to(directory)).startswith(UNHASHED)
-    }
-    manifest = {**info, "packages": package_versions(), "files": files}
+    """Hash every file under `directory` (except the manifest and the report
+    files `validate` / `bench` add) and write the manifest."""
+    directory = Path(directory)
+    files, sizes = {}, {}
+    for rel in _artifact_files(directory):
+        if not _inside(directory, rel):
+            raise FactorportError(f"{directory / rel} is a link leaving {directory} or not a file; remove it and convert again")
+        files[rel], sizes[rel] = sha256(directory / rel), (directory / rel).stat().st_size
+    manifest = {**info, "packages": package_versions(), "files": files, "sizes": sizes}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def refresh_manifest(directory: Path) -> dict:
     """Re-hash every file after an artifact was added (factorport export)."""
-    info = {k: v for k, v in read_manifest(directory).items() if k not in ("packages", "files")}
+    info = {k: v for k, v in read_manifest(directory).items() if k not in ("packages", "files", "sizes")}
     return write_manifest(Path(directory), info)
 
 
 def read_manifest(directory: Path) -> dict:
+    """The manifest as a JSON object; a one-line error if it cannot be read."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FactorportError(f"{directory} has no {MANIFEST}; it was not written by factorport convert")
+    if path.stat().st_size > MANIFEST_LIMIT:
+        raise FactorportError(f"{path} is {path.stat().st_size} bytes, far more than a manifest holds; re-convert the artifact")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FactorportError(f"{path} is not UTF-8 text; re-convert the artifact") from None
     except json.JSONDecodeError as exc:
-        raise FactorportError(f"{path} is not valid JSON ({exc.msg}); re-convert the artifact") from exc
+        raise FactorportError(f"{path} is not valid JSON ({exc.msg}); re-convert the artifact") from None
+    if not isinstance(manifest, dict):
+        raise FactorportError(f"{path} is not a JSON object; re-convert the artifact")
+    return manifest
 
 
-def verify_manifest(directory: Path) -> list[str]:
-    """Problems found (empty when every file matches its hash)."""
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shape_problem(files, sizes) -> str | None:
+    """What is wrong with the `files` / `sizes` maps themselves, if anything."""
+    fix = "the manifest is damaged, re-convert the artifact"
+    hashes_ok = isinstance(files, dict) and files and all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == SHA256_HEX for k, v in files.items()
+    )
+    if not hashes_ok:
+        return f"{MANIFEST}: 'files' is not a non-empty map of file -> sha256; {fix}"
+    if sizes is not None and not (isinstance(sizes, dict) and set(sizes) == set(files) and all(map(_is_count, sizes.values()))):
+        return f"{MANIFEST}: 'sizes' does not give one byte count per file of 'files'; {fix}"
+    return None
+
+
+def _is_plain_relative(rel: str) -> bool:
+    """A normalised relative POSIX path with no `..` (and no NUL, which no file name holds)."""
+    pure = PurePosixPath(rel)
+    return bool(rel) and "\x00" not in rel and not pure.is_absolute() and ".." not in pure.parts and pure.as_posix() == rel and rel != MANIFEST
+
+
+def _entry_problem(directory: Path, rel: str, expected: str, size: int | None) -> str | None:
+    if not _is_plain_relative(rel):
+        return f"{rel[:200]!r}: not a relative path inside the artifact; the manifest was altered, re-convert the artifact"
+    try:
+        return _file_problem(directory, rel, expected, size)
+    except OSError as exc:  # a name too long, a permission: the file is not what was written
+        return f"{rel[:200]}: cannot be read ({exc.strerror or exc})"
+
+
+def _file_problem(directory: Path, rel: str, expected: str, size: int | None) -> str | None:
+    path = directory / rel
+    if not path.is_file():
+        return f"{rel}: missing"
+    if not _inside(directory, rel):
+        return f"{rel}: a link leaving the artifact directory; replace it by the file, or re-convert the artifact"
+    actual = path.stat().st_size
+    if size is not None and actual != size:  # checked first: hashing a huge file is slow
+        return f"{rel}: {'truncated, ' if actual < size else ''}{actual} bytes, the manifest says {size}"
+    if sha256(path) != expected:
+        return f"{rel}: sha256 differs from the manifest"
+    return None
+
+
+def verify_manifest(directory: Path, manifest: dict | None = None) -> list[str]:
+    """Problems found (empty when the manifest lists every file of the
+    artifact and each matches its size and hash). `manifest`: the one already
+    read from `directory`, if the caller has it. Raises FactorportError only
+    when the manifest itself cannot be read."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    problems = []
-    for rel, expected in manifest.get("files", {}).items():
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256(path) != expected:
-            problems.append(f"{rel}: sha256 differs from the manifest")
+    manifest = read_manifest(directory) if manifest is None else manifest
+    files, sizes = manifest.get("files"), manifest.get("sizes")  # no `sizes` before they were recorded
+    shape = _shape_problem(files, sizes)
+    if shape:
+        return [shape]
+    problems = [p for rel, digest in files.items() if (p := _entry_problem(directory, rel, digest, None if sizes is None else sizes[rel]))]
+    problems += [f"{rel}: not in the manifest (added after it was written); remove it or re-convert the artifact" for rel in _artifact_files(directory) if rel not in files]
     return problems

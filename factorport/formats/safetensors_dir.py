@@ -2,23 +2,64 @@
 layout JSON in the header under `factorport`), plus config, generation config
 and tokenizer files, so the directory looks like a Hugging Face model.
 `load` gives back a transformers model computing the same logits bit for bit.
+
+Reading is checked before anything is built (docs/FORMAT.md, "What a reader
+checks"): the safetensors header is parsed here, bounded by the file size;
+config.json must describe the tensors the file holds; the layout JSON must
+account for every tensor with its exact shape and dtype. The model skeleton
+is built on the meta device, so it allocates nothing: the only memory a load
+takes is the file's own tensors.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..architectures import ARCHITECTURES
 from ..errors import FactorportError
-from .layout import describe, rebuild
+from .layout import describe, rebuild, verify_tensors
 
 SUBDIR = "safetensors"  # inside a `factorport convert` output
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 METADATA_KEY = "factorport"
+# bytes per element of every safetensors dtype (sub-byte float types are not read)
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+HEADER_LIMIT = 100 << 20  # the safetensors library refuses larger headers too
+JSON_FILE_LIMIT = 64 << 20  # config / tokenizer JSON files: far above any real one
+# config.json integers that size the skeleton (required, then optional)
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+# config.json numbers the forward pass uses: (exclusive) bounds of a sane value
+FLOAT_KEYS = {"rms_norm_eps": (0, 1), "rope_theta": (0, 1e12)}
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file's header: dtype (safetensors code) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int = 0  # start of its bytes in the data section
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 def state_tensors(model) -> dict[str, torch.Tensor]:
@@ -48,26 +89,126 @@ def save(model, tokenizer, directory: Path) -> dict:
     return meta
 
 
+# ------------------------------------------------------------------ the header
+
+
+def _corrupted(path: Path, what: str) -> FactorportError:
+    return FactorportError(f"{path} is truncated or corrupted ({what}); re-export it")
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a repeated key would let two readers see different files."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {key!r} appears twice")
+        obj[key] = value
+    return obj
+
+
+def parse_json(data: bytes | str, path: Path | str, what: str, fix: str):
+    """JSON from UTF-8 bytes (or text); a one-line error naming `path` otherwise."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise FactorportError(f"{path}: {what} is not UTF-8 text; {fix}") from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError, so is a repeated key
+        raise FactorportError(f"{path}: {what} is not valid JSON ({str(exc).splitlines()[0][:80]}); {fix}") from None
+
+
+def _entry(name: str, raw, path: Path) -> tuple[TensorEntry, int, int]:
+    """(entry, begin, end) of one header record, checked on its own."""
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        raise _corrupted(path, f"tensor {name!r} is not a {{dtype, shape, data_offsets}} record")
+    dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise _corrupted(path, f"tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupted(path, f"tensor {name!r} has a shape that is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+        raise _corrupted(path, f"tensor {name!r} has data_offsets that are not [begin, end]")
+    entry = TensorEntry(dtype, tuple(shape), offsets[0])
+    if entry.nbytes != offsets[1] - offsets[0]:
+        raise _corrupted(path, f"tensor {name!r} is {list(shape)} {dtype} = {entry.nbytes} bytes, its offsets span {offsets[1] - offsets[0]}")
+    return entry, offsets[0], offsets[1]
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """({tensor: entry}, __metadata__) of a safetensors file, checked as the
+    spec requires before any reader maps it: a sane header length, a JSON
+    object, known dtypes, shape x dtype size = byte span, and offsets that
+    tile the data section exactly (in order, no overlap, no gap, no tail)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise _corrupted(path, "shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8 or length > HEADER_LIMIT:
+            raise _corrupted(path, f"header length {length} does not fit in the {size}-byte file")
+        header = fh.read(length)
+    parsed = parse_json(header, path, "the header", "re-export it")
+    if not isinstance(parsed, dict):
+        raise _corrupted(path, "the header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupted(path, "__metadata__ is not a map of strings")
+    tensors, spans = {}, []
+    for name, raw in parsed.items():
+        tensors[name], begin, end = _entry(name, raw, path)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise _corrupted(path, f"tensor {name!r} {what}")
+        position = end
+    if position != size - 8 - length:
+        raise _corrupted(path, f"the tensors hold {position} bytes, the data section is {size - 8 - length}")
+    return tensors, metadata
+
+
+def _check_write_order(tensors: dict[str, TensorEntry], path: Path) -> None:
+    """safetensors' writer (save_file, which factorport uses) stores the
+    tensors of one dtype in name order; two same-sized tensors whose offsets
+    were swapped tile the file as well, but would load each other's bytes."""
+    last: dict[str, str] = {}
+    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].offset, item[0])):
+        if last.get(entry.dtype, "") > name:
+            raise _corrupted(path, f"tensor {last[entry.dtype]!r} is stored before {name!r}, not in the order factorport writes")
+        last[entry.dtype] = name
+
+
 def read_metadata(directory: Path) -> dict:
     """The layout JSON from the safetensors header (no tensor is read)."""
-    path = Path(directory) / WEIGHTS
+    return _read_layout(Path(directory))[1]
+
+
+def _read_layout(directory: Path) -> tuple[dict[str, TensorEntry], dict]:
+    path = directory / WEIGHTS
     if not path.is_file():
         raise FactorportError(f"{directory} has no {WEIGHTS}; point at a factorport safetensors directory")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FactorportError(f"{path} is truncated or corrupted ({exc}); re-export it") from exc
+    tensors, header = read_header(path)
     if METADATA_KEY not in header:
         raise FactorportError(f"{path} carries no factorport layout; it is a plain model, load it with transformers")
-    return json.loads(header[METADATA_KEY])
+    _check_write_order(tensors, path)
+    meta = parse_json(header[METADATA_KEY], path, "the factorport layout in the header", "re-export it")
+    if not isinstance(meta, dict):
+        raise FactorportError(f"{path}: the factorport layout in the header is not a JSON object; re-export it")
+    return tensors, meta
 
 
 def find_artifact(path: str | Path) -> Path | None:
     """The safetensors directory of a factorport output (or `path` itself), or None."""
     path = Path(path)
     for candidate in (path / SUBDIR, path):
-        if (candidate / WEIGHTS).is_file() and (candidate / "config.json").is_file():
+        if (candidate / WEIGHTS).is_file() and (candidate / CONFIG).is_file():
             try:
                 read_metadata(candidate)
             except FactorportError as exc:
@@ -80,6 +221,7 @@ def find_artifact(path: str | Path) -> Path | None:
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS
+    read_header(path)  # safetensors maps the file by its header: check the header first
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}
@@ -87,39 +229,182 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise FactorportError(f"{path} is truncated or corrupted ({exc}); re-export it") from exc
 
 
-def _skeleton(directory: Path):
-    """An uninitialised transformers model of the directory's config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+# ------------------------------------------------------------------ config.json
 
-    config = AutoConfig.from_pretrained(directory)
+
+def read_json_file(path: Path, fix: str = "re-export it", where: str | None = None) -> dict:
+    """A small JSON object file (config, tokenizer config), read bounded;
+    errors name `where` (e.g. the GGUF it was unpacked from), else `path`."""
+    where = where or str(path)
+    size = path.stat().st_size
+    if size > JSON_FILE_LIMIT:
+        raise FactorportError(f"{where} is {size} bytes, more than any {path.name} factorport writes; {fix}")
+    parsed = parse_json(path.read_bytes(), where, "the file", fix)
+    if not isinstance(parsed, dict):
+        raise FactorportError(f"{where} is not a JSON object; {fix}")
+    return parsed
+
+
+def _positive_int(config: dict, key: str, limit: int, source: str) -> int:
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise FactorportError(f"{source}: {key} = {str(value)[:40]} is not a positive integer the weights can hold; re-export it")
+    return value
+
+
+def _layer_indices(names, layers: str) -> set[int]:
+    pattern = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
+    return {int(m.group(1)) for m in map(pattern.match, names) if m}
+
+
+def _is_range(indices: set[int], count: int) -> bool:
+    """`indices` is exactly {0, ..., count - 1}."""
+    return len(indices) == count and (not indices or (min(indices) == 0 and max(indices) == count - 1))
+
+
+def _embedding_shape(meta: dict, tensors: dict[str, TensorEntry], arch) -> tuple[int, ...] | None:
+    """(vocab, hidden) as the file holds it: the embedding table, else the (tied) output projection."""
+    for name in (f"{arch.embed}.weight", f"{arch.lm_head}.weight"):
+        if name in tensors:
+            return tensors[name].shape
+    head = meta.get("linears", {}).get(arch.lm_head) if isinstance(meta.get("linears"), dict) else None
+    if isinstance(head, dict):
+        return (head.get("out_features"), head.get("in_features"))
+    return None
+
+
+def check_config(config: dict, meta: dict, tensors: dict[str, TensorEntry], source: str) -> None:
+    """config.json against the file, before a skeleton is built from it: a
+    supported model_type, positive integer sizes no larger than the file's
+    element count, as many layers as the file holds and an embedding table of
+    (vocab_size, hidden_size). The exact shape of every other tensor is
+    compared with the (meta-device) skeleton in `layout.verify_tensors`."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise FactorportError(f"{source}: model_type {str(model_type)[:40]!r} is not one of {', '.join(ARCHITECTURES)}; re-export it")
+    if meta.get("model_type", model_type) != model_type:
+        raise FactorportError(f"{source}: model_type {model_type!r} differs from the layout's {str(meta.get('model_type'))[:40]!r}; re-export it")
+    arch = ARCHITECTURES[model_type]
+    limit = max(1, sum(math.prod(t.shape) for t in tensors.values()))
+    for key in SIZE_KEYS:
+        if key not in config:
+            raise FactorportError(f"{source}: {key} is missing; re-export it")
+        _positive_int(config, key, limit, source)
+    for key in OPTIONAL_SIZE_KEYS:
+        if config.get(key) is not None:
+            _positive_int(config, key, limit, source)
+    for key, (low, high) in FLOAT_KEYS.items():
+        value = config.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and low < value < high):
+            raise FactorportError(f"{source}: {key} = {str(value)[:40]} is not a number between {low} and {high}; re-export it")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv_heads:
+        raise FactorportError(f"{source}: num_key_value_heads = {kv_heads} does not divide num_attention_heads = {heads}; re-export it")
+    layers, count = _layer_indices(tensors, arch.layers), config["num_hidden_layers"]
+    if not _is_range(layers, count):  # not set(range(count)): count is not trusted yet
+        held = f"layers 0..{len(layers) - 1}" if _is_range(layers, len(layers)) else f"{len(layers)} layer indices up to {max(layers, default=-1)}"
+        raise FactorportError(f"{source}: num_hidden_layers = {config['num_hidden_layers']} but the weights hold {held}; re-export it")
+    embedding = _embedding_shape(meta, tensors, arch)
+    expected = (config["vocab_size"], config["hidden_size"])
+    if embedding is None or tuple(embedding) != expected:
+        raise FactorportError(f"{source}: (vocab_size, hidden_size) = {expected} but the embedding table is {embedding}; re-export it")
+
+
+# ------------------------------------------------------------------ the skeleton
+
+
+def _no_init_weights():
     try:
         from transformers.modeling_utils import no_init_weights
     except ImportError:  # pragma: no cover - older/newer transformers
         from transformers.initialization import no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return no_init_weights()
+
+
+def _skeleton(directory: Path, meta: dict, tensors: dict[str, TensorEntry], source: str, config_source: str | None = None):
+    """A transformers model of the directory's config on the meta device
+    (no memory), after config.json and the layout were checked against the
+    file's tensors. `load_state_dict(assign=True)` then fills it with the
+    file's tensors and `materialize` computes what is not stored."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_source = config_source or str(directory / CONFIG)
+    check_config(read_json_file(directory / CONFIG, where=config_source), meta, tensors, config_source)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"), _no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # what transformers raises on a config it cannot build (AssertionError: nn.Embedding's padding_idx check)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, AssertionError, OverflowError) as exc:
+        raise FactorportError(f"{config_source} is not a valid config ({str(exc).splitlines()[0][:80]}); re-export it") from None
+    verify_tensors(meta, {k: (t.dtype, t.shape) for k, t in tensors.items()}, model, source)
     return model
+
+
+def materialize(model, source: str) -> None:
+    """Compute the buffers a checkpoint does not store (rotary inv_freq), on
+    the CPU, by building those modules again from the config; refuse a model
+    that still has a meta tensor (it would fail at the first forward)."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, leaf = name.rpartition(".")
+            try:
+                with _no_init_weights():
+                    fresh = type(module)(config=model.config)
+            except (TypeError, ValueError, KeyError) as exc:  # a module this transformers builds otherwise
+                raise FactorportError(f"{source}: cannot compute {name} of this config ({str(exc)[:80]}); re-export it") from None
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise FactorportError(f"{source}: tensor '{left[0]}' is missing from the file; re-export it")
+
+
+def _tokenizer(directory: Path, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    if not (directory / "tokenizer_config.json").exists():
+        return None
+    for name in TOKENIZER_JSON:
+        if (directory / name).exists():
+            read_json_file(directory / name, where=f"{source}: {name}" if source else None)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception on a bad file
+        raise FactorportError(f"{source or directory}: the tokenizer files do not load ({str(exc).splitlines()[0][:80]}); re-export it") from None
 
 
 def load(directory: str | Path):
     """(model, tokenizer) from a factorport safetensors directory."""
-    from transformers import AutoTokenizer
-
     directory = Path(directory)
-    meta = read_metadata(directory)
+    source = str(directory / WEIGHTS)
+    header, meta = _read_layout(directory)
+    model = _skeleton(directory, meta, header, source)
     tensors = read_tensors(directory)
-    model = _skeleton(directory)
-    rebuild(model, meta, tensors)
+    attach(model, meta, tensors, source)
+    return model.eval(), _tokenizer(directory)
+
+
+def attach(model, meta: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Put the file's (already checked) tensors into a meta-device skeleton."""
+    rebuild(model, meta, tensors, source)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not _is_tied_alias(model, k)]
-    if missing or result.unexpected_keys:
+    if missing or result.unexpected_keys:  # verify_tensors rules this out; kept as the last guard
         bad = (missing or result.unexpected_keys)[0]
         what = "missing" if missing else "unexpected"
-        raise FactorportError(f"{directory / WEIGHTS}: tensor '{bad}' is {what}; the file does not match its layout")
+        raise FactorportError(f"{source}: tensor '{bad}' is {what}; the file does not match its layout, re-export it")
     if not meta.get("tied_embeddings") and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
-    return model.eval(), tokenizer
+    materialize(model, source)
+
+
+def verify(directory: str | Path) -> tuple[dict[str, TensorEntry], dict]:
+    """Every check `load` makes before reading tensor data (header, config,
+    layout); ({tensor: entry}, layout). Used by `factorport inspect`."""
+    directory = Path(directory)
+    header, meta = _read_layout(directory)
+    _skeleton(directory, meta, header, str(directory / WEIGHTS))
+    return header, meta
 
 
 def _is_tied_alias(model, key: str) -> bool:

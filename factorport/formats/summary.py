@@ -5,24 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
-
 from ..errors import FactorportError
-from .safetensors_dir import WEIGHTS, find_artifact, read_metadata
-
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from .safetensors_dir import WEIGHTS, find_artifact, read_header, verify
 
 
 def tensor_bytes(directory: Path) -> dict[str, int]:
-    with safe_open(str(directory / WEIGHTS), framework="pt") as fh:
-        sizes = {}
-        for name in fh.keys():
-            piece = fh.get_slice(name)
-            count = 1
-            for dim in piece.get_shape():
-                count *= dim
-            sizes[name] = count * _BYTES[piece.get_dtype()]
-    return sizes
+    """{tensor: bytes} from the (checked) header of `directory`'s model.safetensors."""
+    tensors, _ = read_header(Path(directory) / WEIGHTS)
+    return {name: entry.nbytes for name, entry in tensors.items()}
 
 
 def _operator(entry: dict) -> tuple[str, int | None, int | None, float | None]:
@@ -50,8 +40,10 @@ def inspect_artifact(path: str | Path) -> dict:
     directory = find_artifact(path)
     if directory is None:
         raise FactorportError(f"{path} is not a factorport artifact; point at a 'factorport convert' output")
-    meta = read_metadata(directory)
-    sizes = tensor_bytes(directory)
+    # the checks a load makes (header, config.json, layout against the tensor
+    # table), so the account below is of a file that loads
+    header, meta = verify(directory)
+    sizes = {name: entry.nbytes for name, entry in header.items()}
     layers = []
     for name, entry in meta["linears"].items():
         op, bits, group, density = _operator(entry)

@@ -56,7 +56,9 @@ def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
 
 def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = True) -> Path:
     """llama.cpp's `llama_model_quantize` of the original model at `ggml_type`."""
-    import llama_cpp
+    from ..hostcpu import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
 
     from ..ops.ggml import ftype_value
 

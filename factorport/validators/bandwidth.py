@@ -17,20 +17,34 @@ def measure_bandwidth(repeats: int = 15, threads: int | None = None) -> float:
     float32 array (with the runtime's thread count, as decode uses it). The
     best, not the median: a bound is what the memory can deliver, and single
     passes on a shared machine only ever come out slower."""
+    return max(bandwidth_passes(repeats, threads))
+
+
+def bandwidth_passes(repeats: int = 15, threads: int | None = None) -> list[float]:
+    """Bytes/s of each of `repeats` sums of a 1 GiB float32 array. Their
+    spread says how steady the machine was: on an idle one they agree within
+    a few percent; other processes competing for memory or cores spread them."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         data = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
         data.sum()  # touch every page once
-        seconds = []
-        for _ in range(repeats):
+        passes = []
+        for _ in range(max(1, repeats)):
             started = time.perf_counter()
             data.sum()
-            seconds.append(time.perf_counter() - started)
-        return BANDWIDTH_BYTES / min(seconds)
+            passes.append(BANDWIDTH_BYTES / (time.perf_counter() - started))
+        return passes
     finally:
         torch.set_num_threads(previous)
+
+
+def spread(passes: list[float]) -> float:
+    """1 - median / best: 0 when every pass ran as fast as the best one."""
+    import statistics
+
+    return 1.0 - statistics.median(passes) / max(passes)
 
 
 def bytes_read_per_token(artifact: str | Path) -> int:
@@ -93,13 +107,13 @@ def _initializer_bytes(init) -> int:
 
 
 def _gguf_bytes(directory: Path) -> int:
-    from gguf import GGUFReader
+    from ..formats.gguf.checks import open_gguf
 
     total = 0
     for path in sorted(directory.glob("*.gguf")):
         if path.name.endswith(".factorport.gguf"):
             continue  # factorport's own layout; llama.cpp does not run it
-        tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+        tensors = {t.name: int(t.n_bytes) for t in open_gguf(path).tensors}
         if "token_embd.weight" in tensors and "output.weight" in tensors:
             tensors.pop("token_embd.weight")
         total += sum(tensors.values())

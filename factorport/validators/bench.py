@@ -5,13 +5,18 @@ and to each decode figure's memory-bandwidth bound.
 
 The worker (`python -m factorport.validators.bench ...`) opens one artifact,
 runs `repeats` x (prefill `prompt_tokens`, decode `new_tokens` greedily) and
-prints one JSON line; the parent collects medians and ranges.
+prints one JSON line; the parent collects medians and ranges, each figure's
+ratio to the anchors of the same backend measured in the same run (ratios
+survive a busy machine better than absolute figures), and whether the machine
+was busy: load averages and runnable tasks before and after, and the spread
+of the bandwidth passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,9 +28,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FactorportError
-from .bandwidth import bytes_read_per_token, measure_bandwidth, weight_file_bytes
+from .bandwidth import bandwidth_passes, bytes_read_per_token, spread, weight_file_bytes
 
 SCHEMA_VERSION = "factorport.bench/1"
+
+# A machine is "loaded" when, outside this benchmark, more tasks are runnable
+# than this share of its cores (each competes with the runtime's threads),
+# when the 1-minute load average before the run exceeds this share of the
+# cores (it lags: it also counts work that just ended, ours included), or when
+# the bandwidth passes spread (1 - median / best) by more than this.
+RUNNABLE_FRACTION = 0.25
+LOADAVG_FRACTION = 0.75
+SPREAD_LIMIT = 0.2
 
 
 @dataclass
@@ -37,6 +51,8 @@ class BenchConfig:
     perplexity_windows: int = 4  # quality of each target, for the size/quality picture
     threads: int | None = None
     progress: bool = True
+    bandwidth_repeats: int = 15
+    timeout: float | None = None  # seconds one worker may take; None: no limit
 
 
 @dataclass
@@ -63,6 +79,8 @@ def peak_rss_bytes() -> int:
 
 
 def run_worker(target: Target, config: BenchConfig) -> dict:
+    from .backends.isolated import exit_description
+
     command = [
         sys.executable, "-m", "factorport.validators.bench",
         "--backend", target.backend, "--artifact", str(target.artifact),
@@ -71,11 +89,14 @@ def run_worker(target: Target, config: BenchConfig) -> dict:
         "--new-tokens", str(config.new_tokens), "--repeats", str(config.repeats),
         "--perplexity-windows", str(config.perplexity_windows),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=config.timeout)
+    except subprocess.TimeoutExpired:  # run() has killed the worker
+        return {"error": f"no answer in {config.timeout:g} s; killed"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exited {done.returncode}: {tail}"}
+        return {"error": f"worker {exit_description(done.returncode)}: {tail}"}
     return json.loads(lines[-1])
 
 
@@ -83,11 +104,79 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def runnable_others(samples: int = 10, interval: float = 0.02) -> float | None:
+    """Median number of runnable tasks besides the one reading, from the
+    fourth field of /proc/loadavg: an instant count, where the load averages
+    lag by a minute. None where there is no /proc."""
+    path = Path("/proc/loadavg")
+    if not path.is_file():
+        return None
+    counts = []
+    for _ in range(samples):
+        counts.append(int(path.read_text().split()[3].split("/")[0]) - 1)
+        time.sleep(interval)
+    return float(statistics.median(counts))
+
+
+def load_probe() -> dict:
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "runnable_others": runnable_others()}
+
+
+def machine_load(before: dict, after: dict, bandwidth_spread: float, cores: int) -> list[str]:
+    """Why figures taken between these two probes are not the machine's own
+    (empty when nothing says the machine was busy)."""
+    reasons = []
+    for when, probe in (("before", before), ("after", after)):
+        others = probe.get("runnable_others")
+        if others is not None and others > RUNNABLE_FRACTION * cores:
+            reasons.append(f"{others:g} other tasks runnable {when} the run on {cores} cores")
+    if before["loadavg"][0] > LOADAVG_FRACTION * cores:
+        reasons.append(f"1-minute load average {before['loadavg'][0]:g} before the run on {cores} cores")
+    if bandwidth_spread > SPREAD_LIMIT:
+        reasons.append(f"bandwidth passes spread {bandwidth_spread:.0%} (median vs best)")
+    return reasons
+
+
+def anchor_ratios(runs: list[dict]) -> None:
+    """Each artifact's prefill seconds and decode tokens/s as a ratio to each
+    anchor of the same backend measured in the same run (decode > 1 and
+    prefill < 1: faster than the anchor)."""
+    anchors = [r for r in runs if r["anchor"] and "error" not in r]
+    for run in runs:
+        if run["anchor"] or "error" in run:
+            continue
+        run["vs_anchors"] = {
+            anchor["label"]: {
+                "decode": run["decode_tokens_per_s"]["median"] / anchor["decode_tokens_per_s"]["median"],
+                "prefill": run["prefill_seconds"]["median"] / anchor["prefill_seconds"]["median"],
+            }
+            for anchor in anchors
+            if anchor["backend"] == run["backend"]
+        }
+
+
 def bench(targets: list[Target], config: BenchConfig) -> dict:
-    bandwidth = measure_bandwidth(threads=config.threads)
+    cores = usable_cores()
+    before = load_probe()
+    passes = bandwidth_passes(config.bandwidth_repeats, threads=config.threads)
+    bandwidth = max(passes)
     result = {
         "schema": SCHEMA_VERSION,
-        "machine": {"bandwidth_bytes_per_s": bandwidth, "threads": config.threads},
+        "machine": {
+            "bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_passes_bytes_per_s": passes,
+            "bandwidth_spread": spread(passes),
+            "threads": config.threads,
+            "cores": cores,
+            "load_before": before,
+        },
         "settings": {"prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens, "repeats": config.repeats, "text": str(config.text)},
         "runs": [],
     }
@@ -113,6 +202,11 @@ def bench(targets: list[Target], config: BenchConfig) -> dict:
         if "decode_tokens_per_s" in run:
             run["fraction_of_bound"] = run["decode_tokens_per_s"]["median"] / run["bound_tokens_per_s"]
         result["runs"].append(run)
+    anchor_ratios(result["runs"])
+    machine = result["machine"]
+    machine["load_after"] = load_probe()
+    machine["loaded_reasons"] = machine_load(before, machine["load_after"], machine["bandwidth_spread"], cores)
+    machine["loaded"] = bool(machine["loaded_reasons"])
     result["passed"] = all("error" not in run for run in result["runs"])
     return result
 

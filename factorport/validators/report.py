@@ -21,7 +21,10 @@ def validation_markdown(result: dict) -> str:
     lines.append(f"**{'PASSED' if result['passed'] else 'FAILED'}** — {result['windows']} windows x {result['seq_len']} tokens of `{Path(result['text']).name}`")
     lines += ["", "## Files", ""]
     manifest = result["manifest"]
-    lines.append("every file matches manifest.json" if manifest["passed"] else "\n".join(f"- {p}" for p in manifest["problems"]))
+    if not manifest.get("checked", True):
+        lines.append("**manifest.json not checked** (--no-verify): nothing here says these are the files that were converted")
+    else:
+        lines.append("every file matches manifest.json" if manifest["passed"] else "\n".join(f"- {p}" for p in manifest["problems"]))
     reference = result.get("reference")
     if reference:
         lines += ["", "## Quality", "", "| model | perplexity |", "|---|---|"]
@@ -51,7 +54,8 @@ def validation_markdown(result: dict) -> str:
 def validation_junit(result: dict) -> str:
     """One test suite per backend (plus the manifest), one test case per check."""
     suites = ET.Element("testsuites", name="factorport validate", tests="0", failures="0")
-    cases = [("manifest", "sha256", result["manifest"]["passed"], "; ".join(result["manifest"]["problems"]))]
+    manifest = result["manifest"]
+    cases = [("manifest", "sha256", manifest["passed"], "; ".join(manifest["problems"]) if manifest.get("checked", True) else None)]
     for label, entry in result["backends"].items():
         for check in entry["checks"]:
             cases.append((label, check["check"], check["passed"], f"{check['check']} = {check['value']} (needs {check['threshold']})"))
@@ -62,7 +66,9 @@ def validation_junit(result: dict) -> str:
         suite = ET.SubElement(suites, "testsuite", name=suite_name, tests=str(len(members)), failures=str(suite_failures))
         for _, name, passed, message in members:
             case = ET.SubElement(suite, "testcase", classname=f"factorport.validate.{suite_name}", name=name)
-            if not passed:
+            if message is None:  # not checked (--no-verify)
+                ET.SubElement(case, "skipped", message="manifest.json not checked (--no-verify)")
+            elif not passed:
                 ET.SubElement(case, "failure", message=message)
         total, failed = total + len(members), failed + suite_failures
     suites.set("tests", str(total))
@@ -74,6 +80,32 @@ def _mb(value) -> str:
     return "–" if value is None else f"{value / 1e6:.1f}"
 
 
+def _ratios(run: dict, key: str) -> str:
+    """'; 1.31x optimum fp32' for each anchor of the run's backend."""
+    parts = [f"{r[key]:.2f}x {label}" for label, r in run.get("vs_anchors", {}).items()]
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def _machine_lines(machine: dict) -> list[str]:
+    """How busy the machine was, and a warning when it was too busy for the absolute figures."""
+    if "load_before" not in machine:  # a result written before these were recorded
+        return []
+    before, after = machine["load_before"], machine.get("load_after") or {}
+    runnable = "/".join("–" if p.get("runnable_others") is None else f"{p['runnable_others']:g}" for p in (before, after))
+    lines = [
+        f"Machine: {machine['cores']} cores; 1-minute load average {before['loadavg'][0]:g} before, "
+        f"{after.get('loadavg', ['–'])[0]} after (the latter counts this benchmark); other runnable tasks before/after {runnable}; "
+        f"bandwidth passes spread {machine['bandwidth_spread']:.0%} (median vs best).",
+    ]
+    if machine.get("loaded"):
+        lines += [
+            "",
+            "**Taken on a loaded machine**: " + "; ".join(machine["loaded_reasons"]) + ". "
+            "Absolute figures are low and noisy; the ratios to the anchors of the same run are the figures to compare.",
+        ]
+    return lines
+
+
 def bench_markdown(result: dict) -> str:
     machine, settings = result["machine"], result["settings"]
     lines = [
@@ -81,7 +113,11 @@ def bench_markdown(result: dict) -> str:
         "",
         f"Measured memory bandwidth {machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; prompt {settings['prompt_tokens']} tokens, "
         f"{settings['new_tokens']} new tokens, greedy; median (min–max) of {settings['repeats']} repeats, each backend in a fresh process.",
-        "Bound = bandwidth / weight bytes read per decoded token (decode at batch 1 is memory-bound).",
+        "Bound = bandwidth / weight bytes read per decoded token (decode at batch 1 is memory-bound). "
+        "After each figure, its ratio to each anchor of the same backend in this run.",
+        "",
+        *_machine_lines(machine),
+        *([] if result.get("manifest", {}).get("checked", True) else ["", "**manifest.json not checked** (--no-verify)."]),
         "",
         "| artifact | backend | disk MB | read/token MB | load s | prefill s | decode tok/s | bound tok/s | of bound | peak RSS MB (model) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -94,7 +130,8 @@ def bench_markdown(result: dict) -> str:
         p, d = run["prefill_seconds"], run["decode_tokens_per_s"]
         lines.append(
             f"| {label} | {run['backend']} | {_mb(run['disk_bytes'])} | {_mb(run['bytes_read_per_token'])} | {run['load_seconds']:.2f} | "
-            f"{p['median']:.3f} ({p['min']:.3f}–{p['max']:.3f}) | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | "
+            f"{p['median']:.3f} ({p['min']:.3f}–{p['max']:.3f}){_ratios(run, 'prefill')} | "
+            f"{d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}){_ratios(run, 'decode')} | "
             f"{run['bound_tokens_per_s']:.1f} | {run['fraction_of_bound']:.0%} | "
             f"{_mb(run['peak_rss_bytes'])} ({_mb(run['peak_rss_bytes'] - run['baseline_rss_bytes'])}) |"
         )

@@ -1,13 +1,18 @@
 """`factorport validate`: is every exported artifact of an output directory
 the model the torch reference is?
 
-Order: the manifest's sha256 of every file first (a changed or missing file
-fails before anything runs); then the torch reference (the safetensors
-artifact) and every requested backend score the same token windows, and each
-backend's logits are compared with the reference's window by window; the
-original (uncompressed) model's perplexity on the same windows puts the
-numbers in context. The result is a plain dict (schema in
-docs/validation.md, `SCHEMA` below) that reports are written from.
+Order: the manifest's sha256 of every file first (a changed or missing
+file fails before anything runs; `verify=False` skips it); then the torch
+reference (the safetensors artifact) and every requested backend score the
+same token windows, and each backend's logits are compared with the
+reference's window by window; the original (uncompressed) model's
+perplexity on the same windows puts the numbers in context.
+
+Every native runtime runs in its own child process (backends/isolated.py):
+one that crashes or hangs fails its own `runs` check and the report still
+holds the others. Threshold overrides are those stored in the manifest at
+convert time (`validation.thresholds`), then the caller's. The result is a
+plain dict (schema in docs/validation.md) that reports are written from.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FactorportError
-from ..formats.manifest import read_manifest, verify_manifest
+from ..formats.manifest import MANIFEST, read_manifest, verify_manifest
 from .backends import available_backends, open_backend, resolve
 from .parity import ParityAccumulator
 from .perplexity import perplexity, text_windows
@@ -37,6 +42,8 @@ class ValidateConfig:
     thresholds: dict[str, float] = field(default_factory=dict)
     options: dict[str, dict] = field(default_factory=dict)  # per backend, e.g. {"onnxruntime": {"threads": 2}}
     progress: bool = True
+    verify: bool = True  # False: skip the manifest's hashes (--no-verify)
+    timeout: float | None = None  # seconds one call of an isolated backend may take (None: the default)
 
 
 def resolve_backends(output: Path, names: list[str] | None) -> list[tuple[str, str, dict]]:
@@ -52,43 +59,75 @@ def resolve_backends(output: Path, names: list[str] | None) -> list[tuple[str, s
 
 
 def validate(output: str | Path, config: ValidateConfig) -> dict:
+    """Check every requested backend of `output`; a backend that fails to
+    load, crashes or hangs fails its own `runs` check and the others go on."""
     output = Path(output)
     result = {"schema": SCHEMA_VERSION, "artifact": str(output), "text": str(config.text), "windows": 0, "seq_len": config.seq_len}
-    problems = verify_manifest(output)
-    result["manifest"] = {"passed": not problems, "problems": problems}
+    info = _read_manifest_once(output, config.verify)
+    problems = verify_manifest(output, info) if config.verify else []
+    result["manifest"] = {"passed": not problems, "problems": problems, "checked": config.verify}
     result["reference"], result["backends"] = None, {}
     if problems:  # nothing runs on files that are not what was written
         return _finish(result)
 
-    thresholds = {**_recipe_thresholds(output), **config.thresholds}
+    thresholds = {**stored_thresholds(info, output), **config.thresholds}
     targets = resolve_backends(output, config.backends)
     reference = open_backend("torch", output)
     windows = text_windows(reference.tokenize, config.text, config.windows, config.seq_len)
     result["windows"] = len(windows)
-
     runtimes, accumulators = {}, {}
-    for label, backend, options in targets:
-        options = {**options, **config.options.get(backend, {})}
-        entry = {"backend": backend, "options": options, "error": None}
-        result["backends"][label] = entry
-        try:
-            runtimes[label] = open_backend(backend, output, **options)
-            accumulators[label] = ParityAccumulator()
-        except FactorportError as exc:
-            entry["error"] = str(exc)
-        entry["checks"] = checks_for(backend, options, thresholds)
+    try:
+        for label, backend, options in targets:
+            options = {**options, **config.options.get(backend, {})}
+            entry = {"backend": backend, "options": options, "error": None}
+            result["backends"][label] = entry
+            entry["checks"] = checks_for(backend, options, thresholds)  # a bad threshold fails before any runtime starts
+            try:
+                runtimes[label] = open_backend(backend, output, timeout=config.timeout, **options)
+                accumulators[label] = ParityAccumulator()
+            except FactorportError as exc:
+                entry["error"] = str(exc)
+        _score(windows, reference, runtimes, accumulators, result["backends"], config.progress)
+    finally:
+        for runtime in runtimes.values():
+            _close(runtime)
 
-    for ids in tqdm(windows, desc="validate", unit="win", disable=not config.progress):
+    ref_metrics = _checked(result["backends"], accumulators)
+    reference_ppl = ref_metrics if ref_metrics is not None else perplexity(reference.logits, windows, progress=False)
+    original, original_ppl = _original_perplexity(info, config, windows)
+    result["reference"] = {"backend": "torch", "perplexity": reference_ppl, "original": original, "original_perplexity": original_ppl}
+    return _finish(result)
+
+
+def _score(windows, reference, runtimes: dict, accumulators: dict, entries: dict, progress: bool) -> None:
+    """Every window through the reference and every runtime still standing;
+    a runtime that fails (or whose process dies) is dropped with its error."""
+    for ids in tqdm(windows, desc="validate", unit="win", disable=not progress):
         ref_logits = reference.logits(ids)
         for label, runtime in list(runtimes.items()):
             try:
                 accumulators[label].add(ref_logits, runtime.logits(ids), ids)
-            except (FactorportError, ValueError, RuntimeError) as exc:
-                result["backends"][label]["error"] = f"{type(exc).__name__}: {exc}"
-                del runtimes[label]
+            except FactorportError as exc:
+                entries[label]["error"] = str(exc)
+            except (ValueError, RuntimeError) as exc:
+                entries[label]["error"] = f"{type(exc).__name__}: {exc}"
+            else:
+                continue
+            _close(runtimes.pop(label))
 
+
+def _close(runtime) -> None:
+    try:
+        getattr(runtime, "close", lambda: None)()
+    except Exception:  # noqa: BLE001 - closing a broken runtime must not hide its error
+        pass
+
+
+def _checked(entries: dict, accumulators: dict) -> float | None:
+    """Fill each entry's metrics and checks; returns the reference perplexity
+    (computed alongside the parity metrics) when any backend ran."""
     ref_metrics = None
-    for label, entry in result["backends"].items():
+    for label, entry in entries.items():
         checks = entry.pop("checks")
         if entry["error"] is None:
             metrics = accumulators[label].metrics()
@@ -101,11 +140,7 @@ def validate(output: str | Path, config: ValidateConfig) -> dict:
         else:
             entry["checks"] = [{"check": "runs", "value": entry["error"], "threshold": "loads and scores every window", "passed": False}]
         entry["passed"] = all(c["passed"] for c in entry["checks"])
-
-    reference_ppl = ref_metrics if ref_metrics is not None else perplexity(reference.logits, windows, progress=False)
-    original, original_ppl = _original_perplexity(output, config, windows, reference)
-    result["reference"] = {"backend": "torch", "perplexity": reference_ppl, "original": original, "original_perplexity": original_ppl}
-    return _finish(result)
+    return ref_metrics
 
 
 def _finish(result: dict) -> dict:
@@ -121,22 +156,31 @@ def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _recipe_thresholds(output: Path) -> dict[str, float]:
-    """Overrides written in the recipe the artifact was converted with."""
-    from ..recipe import parse_recipe
+def _read_manifest_once(output: Path, verify: bool) -> dict:
+    """The manifest (required unless its check is skipped), read once for
+    everything validate takes from it: thresholds and the source model."""
+    if verify or (output / MANIFEST).is_file():
+        return read_manifest(output)
+    return {}
 
-    recipe = read_manifest(output).get("recipe") or {}
-    return parse_recipe(recipe["text"], recipe.get("name", "recipe")).thresholds if recipe.get("text") else {}
+
+def stored_thresholds(info: dict, output: Path) -> dict[str, float]:
+    """The recipe's threshold overrides, stored in the manifest at convert
+    time under validation.thresholds (none stored: the defaults)."""
+    stored = (info.get("validation") or {}).get("thresholds") or {}
+    if not isinstance(stored, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stored.values()):
+        raise FactorportError(f"{output / MANIFEST}: validation.thresholds must map metric names to numbers; re-convert the artifact")
+    return {str(k): float(v) for k, v in stored.items()}
 
 
-def _original_perplexity(output: Path, config: ValidateConfig, windows, reference) -> tuple[str | None, float | None]:
+def _original_perplexity(info: dict, config: ValidateConfig, windows) -> tuple[str | None, float | None]:
     """Perplexity of the uncompressed model on the same windows (skipped when
     its tokenizer cuts the text differently: the numbers would not compare)."""
     from ..loading import load_model
     from .backends.torch_backend import TorchBackend
 
-    source = read_manifest(output).get("source") or {}
-    name = config.against or (None if source.get("kind") == "default" else source.get("path"))
+    source = info.get("source") or {}
+    name = config.against or (None if source.get("kind", "default") == "default" else source.get("path"))
     model, tokenizer, loaded = load_model(name)
     original = TorchBackend(model, tokenizer)
     if text_windows(original.tokenize, config.text, len(windows), config.seq_len)[0].tolist() != windows[0].tolist():

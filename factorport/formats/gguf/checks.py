@@ -1,5 +1,12 @@
-"""Checks run before a GGUF file reaches llama.cpp, which may abort the
-whole process on a malformed file instead of returning an error."""
+"""Checks run before a GGUF file reaches gguf's reader or llama.cpp, which
+may allocate without bound, abort or crash on a malformed file instead of
+returning an error.
+
+Every file first goes through `structure.parse` (bounded: header, key/values,
+tensor infos, data ranges); only then is a gguf.GGUFReader built on it. The
+files handed to llama.cpp additionally pass `llamacpp_rules` (model
+hyper-parameters, tensor shapes and types; adapter pairs and shapes).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +15,45 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import FactorportError
+from . import llamacpp_rules, structure
+
+
+def _reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:  # after parse(): not expected
+        raise FactorportError(f"{path} is not a readable GGUF file ({str(exc).splitlines()[0][:80]}); re-export it") from exc
 
 
 def open_gguf(path: Path):
     """A gguf.GGUFReader on `path`, or a one-line error if the file is
-    missing, not GGUF, or shorter than its tensors say (truncated)."""
-    import gguf
-
+    missing, not GGUF, truncated or structurally malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise FactorportError(f"{path} does not exist; export the model with '--format gguf'")
+    structure.parse(path)
+    return _reader(path)
+
+
+def check_model(path: Path):
+    """A gguf.GGUFReader on a model.gguf that llama.cpp can load and run
+    without asserting: structure, hyper-parameters, every tensor's shape and type."""
+    path = Path(path)
+    llamacpp_rules.check_model(structure.parse(path))
+    return _reader(path)
+
+
+def _model_dims(model_reader) -> dict[str, tuple[int, ...]]:
+    """{name: ggml-order dims} (Python ints) of the model's tensors."""
+    return {t.name: tuple(int(d) for d in t.shape.tolist()) for t in model_reader.tensors}
+
+
+def _field_string(reader, key: str) -> str | None:
+    field = reader.fields.get(key)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:
-        raise FactorportError(f"{path} is not a readable GGUF file (truncated or corrupted: {str(exc).splitlines()[0][:80]}); re-export it") from exc
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise FactorportError(f"{path} is truncated (tensor {t.name} ends past the end of the file); re-export it")
-    return reader
+        return None if field is None else str(field.contents())
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+        return None
 
 
 def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
@@ -35,33 +62,15 @@ def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
 
 
 def check_adapter(model_reader, adapter_path: Path):
-    """Refuse an adapter that is not a LoRA for this model: wrong type or
-    architecture, a tensor the model lacks, or lora_a/lora_b shapes that do
-    not fit the weight (A: (r, in), B: (out, r))."""
-    adapter = open_gguf(adapter_path)
-    kind = adapter.fields.get("general.type")
-    if kind is None or kind.contents() != "adapter":
-        raise FactorportError(f"{adapter_path} is not a GGUF adapter (general.type is not 'adapter'); re-export it")
-    arch, model_arch = adapter.fields.get("general.architecture"), model_reader.fields.get("general.architecture")
-    if arch is None or model_arch is None or arch.contents() != model_arch.contents():
-        raise FactorportError(f"{adapter_path} was made for another architecture than the model; export both together")
-    weights = tensor_shapes(model_reader)
-    lora = tensor_shapes(adapter)
-    for name, shape_a in lora.items():
-        if not name.endswith(".lora_a"):
-            continue
-        target = name.removesuffix(".lora_a")
-        shape_b = lora.get(f"{target}.lora_b")
-        weight = weights.get(target)
-        if weight is None or shape_b is None or len(weight) != 2:
-            raise FactorportError(f"{adapter_path}: {target} has no matching model weight or lora_b; the adapter belongs to another model")
-        out_f, in_f = weight
-        if shape_a[1] != in_f or shape_b[0] != out_f or shape_a[0] != shape_b[1]:
-            raise FactorportError(
-                f"{adapter_path}: {target} LoRA shapes A{shape_a} B{shape_b} do not fit the weight ({out_f}, {in_f}); "
-                "the adapter belongs to another model"
-            )
-    return adapter
+    """Refuse an adapter llama.cpp would not load for this model (wrong type
+    or architecture, a lora_a without its lora_b, a tensor the model lacks,
+    shapes that do not fit the weight: A (r, in), B (out, r), types other
+    than F32/F16, any structural fault); returns its gguf.GGUFReader."""
+    adapter_path = Path(adapter_path)
+    layout = structure.parse(adapter_path)
+    model_arch = _field_string(model_reader, "general.architecture") or ""
+    llamacpp_rules.check_adapter(layout, _model_dims(model_reader), model_arch)
+    return _reader(adapter_path)
 
 
 def tensor_data(reader, name: str) -> tuple[str, np.ndarray]:

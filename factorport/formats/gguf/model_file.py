@@ -24,6 +24,7 @@ from torch import nn
 
 from ...architectures import arch_for, linear_names
 from ...ops import CompressedLinear, TiedEmbedding
+from ...hostcpu import require_llama_cpp_features
 from ...ops.ggml import llamacpp_quantize
 from . import codecs
 from .metadata import hparams
@@ -160,6 +161,7 @@ class Planner:
             encoded = {p.name: (self.gguf_type, codecs.encode(p.weight, self.gguf_type)) for p in self.pending}
         else:
             try:
+                require_llama_cpp_features()  # llama.cpp's quantizer runs in this process
                 encoded = llamacpp_quantize(self.all_dense, hparams(self.config, self.garch), self.gguf_type)
             except ValueError as exc:
                 from ...errors import FactorportError

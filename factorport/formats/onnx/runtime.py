@@ -1,10 +1,11 @@
 """Running an exported decoder with onnxruntime (Optimum's input/output names).
 
 Used by the exporter's parity check and by the onnxruntime backend. The
-MatMulNBits `accuracy_level` is a node attribute, not a session option: a
-session with another level is built from a copy of the graph with the
-attribute rewritten (in memory; external data is still read from the
-directory, which `graph.validate_directory` has checked).
+session is built from the graph `graph.validate_directory` checked, as bytes
+(never by re-reading model.onnx, which could have changed since), with
+external data read from the checked directory. The MatMulNBits
+`accuracy_level` is a node attribute, not a session option: a session with
+another level gets the attribute rewritten in that in-memory graph.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import onnx
 import torch
 
 from ...errors import FactorportError
-from .graph import MODEL_FILE, external_tensors, validate_directory
+from .graph import MODEL_FILE, validate_directory
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 = float32 compute, 4 = int8 activations
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -60,6 +61,31 @@ def with_accuracy_level(model: onnx.ModelProto, level: int) -> int:
     return count
 
 
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved beside the model (None when there is none), or one line
+    saying why its files do not load (validate_directory has parsed their JSON;
+    transformers still raises its own errors on JSON of the wrong shape)."""
+    directory = Path(directory)
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many kinds
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FactorportError(f"{directory}: the tokenizer files do not load ({type(exc).__name__}: {first}); re-export it") from exc
+
+
+def _max_positions(model: onnx.ModelProto) -> int | None:
+    """Rows of the cos table the RotaryEmbedding nodes read (checked against config.json)."""
+    tables = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "RotaryEmbedding" and node.input[2] in tables:
+            return int(tables[node.input[2]].dims[0])
+    return None
+
+
 @dataclass
 class DecoderSession:
     session: object
@@ -67,6 +93,7 @@ class DecoderSession:
     kv_shape: tuple[int, int]  # (kv heads, head dim)
     uses_position_ids: bool
     directory: Path
+    max_positions: int | None = None  # rows of the rotary cos/sin table (fused attention), None: no table
 
     @classmethod
     def open(
@@ -83,21 +110,19 @@ class DecoderSession:
             raise FactorportError(f"accuracy_level {accuracy_level} is not one of {ACCURACY_LEVELS}")
         structure = validate_directory(directory)
         options = _session_options(threads, optimization)
-        providers = ["CPUExecutionProvider"]
+        # external locations are relative to the model's directory; bytes carry no directory
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(directory.resolve()))
+        if accuracy_level:
+            with_accuracy_level(structure, accuracy_level)
         try:
-            if accuracy_level and with_accuracy_level(structure, accuracy_level):
-                if any(True for _ in external_tensors(structure)):
-                    options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(directory.resolve()))
-                session = ort.InferenceSession(structure.SerializeToString(), options, providers=providers)
-            else:
-                session = ort.InferenceSession(str(directory / MODEL_FILE), options, providers=providers)
+            session = ort.InferenceSession(structure.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own runtime errors
-            first = str(exc).strip().splitlines()[0][:200]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise FactorportError(f"onnxruntime cannot load {directory / MODEL_FILE} ({first}); re-export it") from exc
-        return cls.from_session(session, directory)
+        return cls.from_session(session, directory, _max_positions(structure))
 
     @classmethod
-    def from_session(cls, session, directory: Path) -> "DecoderSession":
+    def from_session(cls, session, directory: Path, max_positions: int | None = None) -> "DecoderSession":
         inputs = {i.name: i for i in session.get_inputs()}
         if "input_ids" not in inputs or session.get_outputs()[0].name != "logits":
             raise FactorportError(f"{directory / MODEL_FILE} is not a decoder with Optimum's names (input_ids -> logits)")
@@ -105,7 +130,9 @@ class DecoderSession:
         if not past:
             raise FactorportError(f"{directory / MODEL_FILE} has no KV-cache inputs; export with task text-generation-with-past")
         shape = inputs[past[0]].shape  # [batch, kv heads, past length, head dim]
-        return cls(session, past, (int(shape[1]), int(shape[3])), "position_ids" in inputs, directory)
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in (shape[1], shape[3])):
+            raise FactorportError(f"{directory / MODEL_FILE}: cache input {past[0]} has shape {shape}, not [batch, heads, past, head dim]; re-export it")
+        return cls(session, past, (int(shape[1]), int(shape[3])), "position_ids" in inputs, directory, max_positions)
 
     def empty_past(self) -> list[np.ndarray]:
         heads, dim = self.kv_shape
@@ -116,11 +143,21 @@ class DecoderSession:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         start = past[0].shape[2]
         total = start + ids.shape[1]
+        if self.max_positions is not None and total > self.max_positions:
+            # RotaryEmbedding would index its cos/sin table past the end
+            raise FactorportError(
+                f"{self.directory / MODEL_FILE}: {total} positions exceed the model's {self.max_positions} "
+                "(max_position_embeddings); use shorter windows"
+            )
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64)}
         if self.uses_position_ids:
             feeds["position_ids"] = np.arange(start, total, dtype=np.int64).reshape(1, -1)
         feeds.update(zip(self.past_names, past))
-        outputs = self.session.run(None, feeds)
+        try:
+            outputs = self.session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - a graph that loads can still fail on shapes it computes
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise FactorportError(f"onnxruntime failed running {self.directory / MODEL_FILE} ({first}); re-export it") from exc
         return outputs[0][0], outputs[1:]
 
     def logits(self, ids) -> torch.Tensor:

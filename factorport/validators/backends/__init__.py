@@ -7,7 +7,11 @@ A backend opens one artifact of a factorport output directory and offers:
   without a cache (for perplexity and parity);
 * `generate(ids, new_tokens)` -> `Generation`: greedy continuation with the
   runtime's KV cache, timed (prefill of the prompt, then each decoded token);
-* `load_seconds`: how long opening the artifact took.
+* `load_seconds`: how long opening the artifact took;
+* `close()`: free the runtime now.
+
+Native runtimes (onnxruntime, llama.cpp) run in a child process by default
+(`isolated.py`): a segfault or a hang there becomes a FactorportError here.
 
 `BACKENDS` is the one table of backends: the artifact each one runs (a
 sub-directory of the output) and where its class lives, imported only when
@@ -50,17 +54,21 @@ class Backend(Protocol):
 
     def generate(self, ids: Sequence[int], new_tokens: int) -> Generation: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class BackendEntry:
     artifact: str  # sub-directory of a factorport output that this backend runs
-    cls: str  # "module:Class", imported lazily
+    cls: str  # "module:Class", imported lazily (in the child process when isolated)
+    files: tuple[str, ...] = ()  # the files it loads, named in a crash message when present
+    native: bool = True  # native code that may crash the process: isolated by default
 
 
 BACKENDS: dict[str, BackendEntry] = {
-    "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend"),
-    "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend"),
-    "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend"),
+    "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend", ("model.safetensors",), native=False),
+    "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend", ("model.onnx",)),
+    "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend", ("model.gguf", "adapter.gguf")),
 }
 
 
@@ -88,14 +96,29 @@ def available_backends(output: str | Path) -> list[str]:
     return [name for name, entry in BACKENDS.items() if (Path(output) / entry.artifact).is_dir()]
 
 
-def open_backend(name: str, output: str | Path, **options) -> Backend:
+def open_backend(name: str, output: str | Path, isolated: bool | None = None, timeout: float | None = None, **options) -> Backend:
     """Open backend `name` on the artifact it runs inside factorport output `output`.
-    `options` are the backend's own (threads, accuracy_level, ...)."""
-    cls = backend_class(name)
-    artifact = Path(output) / BACKENDS[name].artifact
+    `options` are the backend's own (threads, accuracy_level, ...). `isolated`
+    (default: True for native runtimes, False for torch, the in-process
+    reference) runs it in a child process whose every call must answer within
+    `timeout` seconds (default `isolated.default_timeout()`)."""
+    if name not in BACKENDS:
+        raise FactorportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    entry = BACKENDS[name]
+    artifact = Path(output) / entry.artifact
     if not artifact.is_dir():
         raise FactorportError(
-            f"{output} has no {BACKENDS[name].artifact}/ artifact for backend {name}; "
-            f"write it with 'factorport export {output} --format {BACKENDS[name].artifact}'"
+            f"{output} has no {entry.artifact}/ artifact for backend {name}; "
+            f"write it with 'factorport export {output} --format {entry.artifact}'"
         )
-    return cls.open(artifact, **options)
+    if entry.native if isolated is None else isolated:
+        from .isolated import IsolatedBackend
+
+        return IsolatedBackend.open(name, entry.cls, artifact, options, timeout=timeout, loading=loaded_files(artifact, entry, options))
+    return backend_class(name).open(artifact, **options)
+
+
+def loaded_files(artifact: Path, entry: BackendEntry, options: dict) -> str:
+    """What opening `artifact` reads, as a crash message names it: "gguf/model.gguf + gguf/adapter.gguf"."""
+    names = [f for f in entry.files if (artifact / f).is_file() and not (f == "adapter.gguf" and options.get("adapter") is False)]
+    return " + ".join(f"{artifact.name}/{f}" for f in names) or f"{artifact.name}/"

@@ -1,13 +1,18 @@
 """The llama.cpp backend (llama-cpp-python): runs OUTPUT/gguf/model.gguf,
 with OUTPUT/gguf/adapter.gguf applied as a LoRA adapter when present.
 
-Both files are checked (readable, not truncated, adapter shapes fit the
-model) before llama.cpp sees them: llama.cpp may abort the process on a
-malformed file rather than return an error.
+Both files are checked completely before llama.cpp sees them
+(formats/gguf/checks.py: structure, hyper-parameters, every tensor's shape
+and type, the adapter's pairs and shapes): llama.cpp may abort the process on
+a malformed file rather than return an error. After loading, the adapter is
+verified to be really loaded: llama-cpp-python 0.3.36 tests the ctypes
+pointer llama.cpp returns with `is None`, which a NULL pointer never is, and
+keeps it; the first evaluation then dereferences NULL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +27,12 @@ MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
 DEFAULT_CONTEXT = 2048
 BATCH = 512  # tokens per llama.cpp batch when a window is scored
+
+
+def _adapter_loaded(llm) -> bool:
+    """Whether llama.cpp returned a real adapter (not NULL) for lora_path."""
+    adapter = getattr(llm, "_lora_adapter", None)
+    return adapter is not None and ctypes.cast(adapter, ctypes.c_void_p).value is not None
 
 
 class LlamaCppBackend:
@@ -43,22 +54,18 @@ class LlamaCppBackend:
         model_file: str = MODEL_FILE,
     ) -> "LlamaCppBackend":
         """Load `artifact_dir`/model.gguf (+ adapter.gguf unless `adapter` is False)."""
-        from ...formats.gguf.checks import check_adapter, open_gguf
+        from ...formats.gguf.checks import check_adapter, check_model
 
         artifact_dir = Path(artifact_dir)
         model_path = artifact_dir / model_file
-        reader = open_gguf(model_path)
-        arch = reader.fields.get("general.architecture")
-        if arch is not None and arch.contents() == "factorport":
-            raise FactorportError(f"{model_path} is factorport's own GGUF layout, which llama.cpp does not run; use model.gguf")
+        reader = check_model(model_path)  # also refuses factorport's own layout
         adapter_path = artifact_dir / ADAPTER_FILE if adapter and (artifact_dir / ADAPTER_FILE).exists() else None
         if adapter_path is not None:
             check_adapter(reader, adapter_path)
         del reader
-        try:
-            import llama_cpp
-        except ImportError as exc:  # pragma: no cover - a dependency
-            raise FactorportError("the llama.cpp backend needs 'pip install llama-cpp-python'") from exc
+        from ...hostcpu import import_llama_cpp
+
+        llama_cpp = import_llama_cpp()
         started = time.perf_counter()
         try:
             llm = llama_cpp.Llama(
@@ -74,6 +81,9 @@ class LlamaCppBackend:
             )
         except (ValueError, RuntimeError) as exc:
             raise FactorportError(f"llama.cpp could not load {model_path}: {str(exc).splitlines()[0]}") from exc
+        if adapter_path is not None and not _adapter_loaded(llm):
+            llm.close()
+            raise FactorportError(f"llama.cpp refused the LoRA adapter {adapter_path} (see its log above); re-export it with 'factorport export OUTPUT --format gguf --force'")
         return cls(llm, time.perf_counter() - started, model_path, adapter_path)
 
     def close(self) -> None:

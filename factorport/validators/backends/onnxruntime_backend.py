@@ -73,8 +73,6 @@ class OnnxruntimeBackend:
 
 
 def _tokenizer(directory: Path):
-    if not (directory / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
+    from ...formats.onnx.runtime import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    return load_tokenizer(directory)

@@ -1,0 +1,52 @@
+"""A real factorport output of a tiny random Llama (hidden 64, 2 layers) with
+a tiny BPE tokenizer trained on WikiText, converted by `factorport.convert`
+in about a second: manifest, stored thresholds and all. Native artifacts are
+stand-in files that test-only backends open (tests/crashing_backends.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+TEXT = DATA / "wiki.test.raw"
+RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn, bits: 8, group_size: 64, symmetric: true}\n"
+
+
+def tiny_source(directory: Path) -> Path:
+    """A Hugging Face directory: tiny random Llama + BPE tokenizer of vocab <= 128."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    lines = TEXT.read_text(encoding="utf-8").splitlines()[:2000]
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>"], limit_alphabet=100, show_progress=False))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_output(root: Path, recipe: str = RECIPE, native: bool = True) -> Path:
+    """root/out converted from root/source; with `native`, stand-in
+    gguf/model.gguf + gguf/adapter.gguf and onnx/model.onnx, in the manifest."""
+    import factorport
+    from factorport.formats.manifest import refresh_manifest
+
+    source = tiny_source(root / "source")
+    (root / "recipe.yaml").write_text(recipe)
+    out = factorport.convert(str(source), recipe=str(root / "recipe.yaml"), output=root / "out", progress=False)
+    if native:
+        for name in ("gguf/model.gguf", "gguf/adapter.gguf", "onnx/model.onnx"):
+            (out / name).parent.mkdir(exist_ok=True)
+            (out / name).write_bytes(b"stand-in: opened only by test backends")
+        refresh_manifest(out)
+    return out
