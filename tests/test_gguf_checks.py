@@ -8,6 +8,7 @@ the test instead of killing pytest."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -474,3 +475,45 @@ def test_adapter_llamacpp_refuses_is_caught_after_loading(out):
     result = run_child(code)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert f"ERROR llama.cpp refused the LoRA adapter {path}" in result.stdout, result.stdout
+
+
+CORRECTED = """
+name: tiny-glowq
+calibration: {samples: 4, seq_len: 64}
+steps:
+  - quantize: {targets: [linears], method: rtn, bits: 4, group_size: 32, symmetric: true}
+  - correct: {targets: [linears], shared: true, ranks: {rank: 8}}
+"""
+
+
+def test_zero_offset_lora_b_fails_eval_generate_and_validate_in_one_line(tmp_path):
+    """The issue's example, through the command line with the manifest
+    refreshed (so the file checks, not the hashes, must catch it): each
+    command exits non-zero with one line naming the tensor, and validate
+    still writes every report with onnxruntime's results."""
+    import factorport
+    from factorport.formats.manifest import refresh_manifest
+    from tiny_outputs import TEXT, tiny_output
+
+    out = tiny_output(tmp_path, CORRECTED, native=False)
+    factorport.export(out, ["onnx", "gguf"], progress=False)
+    path = out / "gguf" / ADAPTER_FILE
+    poke(path, file_map(path).tensors["blk.0.attn_q.weight.lora_b"].offset_at, "<Q", 0)
+    refresh_manifest(out)
+    text = ["--text", str(TEXT), "--windows", "1"]
+    commands = {
+        "eval": ["eval", str(out), "--backend", "llama.cpp", "--no-reference", *text],
+        "generate": ["generate", str(out), "--backend", "llama.cpp", "--prompt", "The game", "--new-tokens", "4"],
+        "validate": ["validate", str(out), "--backend", "onnxruntime,llama.cpp", "--junit", str(tmp_path / "junit.xml"), *text],
+    }
+    for name, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", "factorport.cli", *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0, (name, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, (name, done.stderr)
+        named = [line for line in done.stderr.splitlines() if "blk.0.attn_q.weight.lora_b" in line]
+        assert len(named) == 1 and named[0].startswith("factorport: "), (name, done.stderr)
+    validation = (out / "report" / "validation.json").read_text()
+    assert "blk.0.attn_q.weight.lora_b" in validation
+    result = json.loads(validation)
+    assert result["backends"]["onnxruntime"]["passed"] and not result["backends"]["llama.cpp"]["passed"]
+    assert (out / "report" / "validation.md").is_file() and "llama.cpp" in (tmp_path / "junit.xml").read_text()

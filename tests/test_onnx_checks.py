@@ -304,6 +304,16 @@ def test_external_location_must_be_a_plain_data_file_name(copy, location):
     assert f"tensor {first!r} has external data at {location!r}, outside the directory's data files" in refusal(copy)
 
 
+def test_external_location_that_is_not_utf8(copy):
+    """Found by the fuzzer: protobuf hands an undecodable location over as bytes."""
+    with_external_data(copy)
+    path = copy / "model.onnx"
+    data = path.read_bytes()
+    assert b"model.onnx_data" in data
+    path.write_bytes(data.replace(b"model.onnx_data", b"model.onnx\xff\xff\xff\x7fa", 1))
+    assert "has external data at b'model.onnx\\xff\\xff\\xff\\x7fa', outside the directory's data files" in refusal(copy)
+
+
 def test_external_ranges_inside_the_file_and_not_overlapping(copy):
     tensors = with_external_data(copy)
     size = (copy / "model.onnx_data").stat().st_size

@@ -91,7 +91,8 @@ def model_shape(directory: Path) -> nodes.ModelShape:
 def _plain_location(location: str) -> bool:
     """A file name beside model.onnx: no folders, no parent, not a file of another role."""
     return (
-        bool(location)
+        isinstance(location, str)  # protobuf hands undecodable UTF-8 over as bytes
+        and bool(location)
         and location.isprintable()
         and not any(c in location for c in "/\\:")
         and location not in (".", "..")
