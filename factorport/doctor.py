@@ -3,7 +3,7 @@
 Prints the versions of the runtimes, the CPU's feature flags, the
 instruction sets each native library was built for (llama.cpp) or picks at
 run time (torch, onnxruntime), and the result of a smoke test per backend:
-a tiny random Llama, int4-quantized, exported to every format and scored by
+a tiny random Llama (int4 with a shared low-rank correction), exported to every format and scored by
 every backend (native ones in child processes), compared with torch.
 """
 
@@ -18,11 +18,6 @@ from .errors import FactorportError
 from .formats.manifest import package_versions
 from . import hostcpu
 
-SMOKE_RECIPE = """
-name: doctor-smoke
-steps:
-  - quantize: {targets: [linears], method: rtn, bits: 4, group_size: 32, symmetric: true}
-"""
 SMOKE_TOP1 = 0.9  # llama.cpp rounds activations to 8 bits: not every argmax survives on random weights
 
 
@@ -76,34 +71,11 @@ def host_report() -> dict:
     return report
 
 
-def _tiny_output(directory: Path):
-    """A factorport output (safetensors/, onnx/, gguf/) of a tiny random Llama, and its model."""
-    import torch
-    import transformers
-
-    from .converters import apply
-    from .formats import exporter, safetensors_dir
-    from .recipe import parse_recipe
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    apply(model, parse_recipe(SMOKE_RECIPE).steps, None, progress=False)
-    (directory / "safetensors").mkdir()
-    safetensors_dir.save(model, None, directory / "safetensors")
-    for name in ("onnx", "gguf"):
-        (directory / name).mkdir()
-        exporter(name)(model, None, directory / name, progress=False)
-    return model
-
-
 def smoke_tests(progress: bool = True) -> dict[str, dict]:
     """{backend: {"passed", "detail"}} for torch, onnxruntime and llama.cpp."""
     import torch
 
+    from .tiny import build_output
     from .validators.backends import open_backend
 
     results = {}
@@ -111,7 +83,7 @@ def smoke_tests(progress: bool = True) -> dict[str, dict]:
         out = Path(tmp)
         if progress:
             print("doctor: exporting a tiny model to every format", file=sys.stderr)
-        model = _tiny_output(out)
+        model = build_output(out)
         ids = torch.arange(1, 33) % 128
         with torch.no_grad():
             expected = model(ids.reshape(1, -1)).logits[0]

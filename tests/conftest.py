@@ -13,19 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-from factorport.architectures import arch_for, input_groups, linear_names
-from factorport.converters.calibration import CalibrationStats
-
-
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
+from factorport.tiny import TINY, correlated_activations, random_stats  # noqa: F401 (tests import them from here)
 
 
 def _build(arch: str, seed: int = 0, **overrides):
@@ -81,32 +69,7 @@ def input_ids():
     return torch.randint(0, TINY["vocab_size"], (2, 12), generator=g)
 
 
-def correlated_activations(n: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """Activations with strongly correlated channels and uneven scales
-    (so that XᵀX is far from a multiple of the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, dim // 4, generator=g)
-    mix = torch.randn(dim // 4, dim, generator=g)
-    noise = 0.05 * torch.randn(n, dim, generator=g)
-    scales = torch.logspace(-1, 1, dim)[torch.randperm(dim, generator=g)]
-    return ((z @ mix + noise) * scales).double()
-
-
-def make_stats(model, tokens: int = 256, seed: int = 0) -> CalibrationStats:
-    """CalibrationStats built by hand from random correlated activations, keyed
-    like `calibrate` keys them (the first linear of each input group)."""
-    arch = arch_for(model.config)
-    present = set(linear_names(model, arch))
-    grams, key_of = {}, {}
-    for i, group in enumerate(input_groups(model, arch)):
-        group = [n for n in group if n in present]
-        key = group[0]
-        for name in group:
-            key_of[name] = key
-        width = model.get_submodule(key).in_features
-        x = correlated_activations(tokens, width, seed=seed * 1000 + i)
-        grams[key] = x.T @ x
-    return CalibrationStats(grams=grams, key_of=key_of, tokens=tokens, source="random")
+make_stats = random_stats  # stats_for(model) -> hand-made CalibrationStats
 
 
 @pytest.fixture
