@@ -190,7 +190,7 @@ def export(
             report = export_to(model, tokenizer, tmp, progress=progress, **(export_options or {}).get(name, {}))
         (output / "report").mkdir(exist_ok=True)
         (output / "report" / f"export-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    manifest.refresh_manifest(output)
+    manifest.refresh_manifest(output, [*(f"{name}/" for name in exporters), *(f"report/export-{name}.json" for name in exporters)])
     return output
 
 

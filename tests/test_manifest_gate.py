@@ -137,3 +137,17 @@ def test_validate_module_does_not_read_recipes():
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     assert not any(name.endswith("recipe") for name in imported), imported
+
+
+def test_export_vouches_only_for_what_it_wrote(changed, capsys):
+    """export --no-verify re-hashes the files it wrote, not the one changed
+    behind the manifest's back: that change stays a problem."""
+    from factorport.formats.manifest import verify_manifest
+
+    (changed / "extra.txt").write_text("added after convert")
+    assert main(["export", str(changed), "--format", "gguf", "--no-verify", "--force"]) == 0
+    assert "not checking manifest.json (--no-verify)" in capsys.readouterr().err
+    problems = verify_manifest(changed)
+    assert sorted(p.split(":")[0] for p in problems) == sorted([CHANGED, "extra.txt"])
+    info = json.loads((changed / "manifest.json").read_text())
+    assert "gguf/model.gguf" in info["files"] and "extra.txt" not in info["files"]

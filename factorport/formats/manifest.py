@@ -12,6 +12,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 from ..errors import FactorportError
 
@@ -49,7 +50,7 @@ def _artifact_files(directory: Path) -> list[str]:
     for top, dirs, names in os.walk(directory, followlinks=False):
         for name in names + [d for d in dirs if (Path(top) / d).is_symlink()]:
             rel = (Path(top) / name).relative_to(directory).as_posix()
-            if rel != MANIFEST and not rel.startswith(UNHASHED):
+            if rel not in (MANIFEST, f".{MANIFEST}.partial") and not rel.startswith(UNHASHED):
                 found.append(rel)
     return sorted(found)
 
@@ -60,24 +61,51 @@ def _inside(directory: Path, rel: str) -> bool:
     return path.is_file() and path.resolve().is_relative_to(directory.resolve())
 
 
-def write_manifest(directory: Path, info: dict) -> dict:
-    """Hash every file under `directory` (except the manifest and the report
-    files `validate` / `bench` add) and write the manifest."""
-    directory = Path(directory)
+def _hash_files(directory: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """sha256 and size of every file of the artifact under `directory`."""
     files, sizes = {}, {}
     for rel in _artifact_files(directory):
         if not _inside(directory, rel):
             raise FactorportError(f"{directory / rel} is a link leaving {directory} or not a file; remove it and convert again")
         files[rel], sizes[rel] = sha256(directory / rel), (directory / rel).stat().st_size
-    manifest = {**info, "packages": package_versions(), "files": files, "sizes": sizes}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return files, sizes
+
+
+def _write(directory: Path, info: dict, files: dict[str, str], sizes: dict[str, int]) -> dict:
+    manifest = {**info, "packages": package_versions(), "files": dict(sorted(files.items())), "sizes": dict(sorted(sizes.items()))}
+    tmp = directory / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
     return manifest
 
 
-def refresh_manifest(directory: Path) -> dict:
-    """Re-hash every file after an artifact was added (factorport export)."""
-    info = {k: v for k, v in read_manifest(directory).items() if k not in ("packages", "files", "sizes")}
-    return write_manifest(Path(directory), info)
+def write_manifest(directory: Path, info: dict) -> dict:
+    """Hash every file under `directory` (except the manifest and the report
+    files `validate` / `bench` add) and write the manifest."""
+    directory = Path(directory)
+    return _write(directory, info, *_hash_files(directory))
+
+
+def refresh_manifest(directory: Path, written: Sequence[str] | None = None) -> dict:
+    """Re-hash after files were added. `written`: the relative paths or folder
+    prefixes ("onnx/") that were (re)written; only they are hashed anew and
+    every other entry is kept as it was, so that a file changed or added
+    behind the manifest's back stays a problem (`export --no-verify` vouches
+    only for what it wrote). None: re-hash everything."""
+    directory = Path(directory)
+    old = read_manifest(directory)
+    info = {k: v for k, v in old.items() if k not in ("packages", "files", "sizes")}
+    files, sizes = _hash_files(directory)
+    if written is not None:
+
+        def rewritten(rel: str) -> bool:
+            return any(rel == w or (w.endswith("/") and rel.startswith(w)) for w in written)
+
+        kept_files = {rel: d for rel, d in (old.get("files") or {}).items() if not rewritten(rel)}
+        kept_sizes = {rel: n for rel, n in (old.get("sizes") or {}).items() if not rewritten(rel)}
+        files = {**kept_files, **{rel: d for rel, d in files.items() if rewritten(rel)}}
+        sizes = {**kept_sizes, **{rel: n for rel, n in sizes.items() if rewritten(rel)}}
+    return _write(directory, info, files, sizes)
 
 
 def read_manifest(directory: Path) -> dict:
