@@ -349,6 +349,7 @@ def test_block_indices(sparse_dir, change, expected):
         (lambda c: c.pop("vocab_size"), r"vocab_size is missing"),
         (lambda c: c.update(model_type={}), r"model_type '\{\}' is not one of"),
         (lambda c: c.update(rms_norm_eps=1 << 64), r"rms_norm_eps = 18446744073709551616 is not a number between 0 and 1"),
+        (lambda c: c.update(rms_norm_eps=None), r"rms_norm_eps = None is not a number between 0 and 1"),  # found by the fuzzer
         (lambda c: c.update(pad_token_id=1000), r"config.json is not a valid config \(Padding_idx must be within num_embeddings\)"),
     ],
 )

@@ -294,8 +294,8 @@ def check_config(config: dict, meta: dict, tensors: dict[str, TensorEntry], sour
         if config.get(key) is not None:
             _positive_int(config, key, limit, source)
     for key, (low, high) in FLOAT_KEYS.items():
-        value = config.get(key)
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and low < value < high):
+        value = config.get(key)  # absent: transformers' default; present, it must be a number (null broke the forward)
+        if key in config and not (isinstance(value, (int, float)) and not isinstance(value, bool) and low < value < high):
             raise FactorportError(f"{source}: {key} = {str(value)[:40]} is not a number between {low} and {high}; re-export it")
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     if heads % kv_heads:
