@@ -19,7 +19,8 @@ def pareto_plot(points: list[dict], path: Path) -> None:
     for i, point in enumerate(sorted(points, key=lambda p: (p["anchor"], p["bytes"]))):
         ax.scatter(point["bytes"] / 1e6, point["perplexity"], marker="s" if point["anchor"] else "o",
                    color=colors(i % 10), s=50, zorder=3, label=point["label"] + (" [anchor]" if point["anchor"] else ""))
-    ax.legend(fontsize=8, loc="best")
+    if points:  # a bench run without perplexities has nothing to label
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("bytes on disk (MB)")
     ax.set_ylabel("perplexity (WikiText-2 test, 512-token windows)")
     ax.set_title("Quality vs size\n(circles: factorport artifacts, squares: anchors)", fontsize=10)
