@@ -61,10 +61,10 @@ def _inside(directory: Path, rel: str) -> bool:
     return path.is_file() and path.resolve().is_relative_to(directory.resolve())
 
 
-def _hash_files(directory: Path) -> tuple[dict[str, str], dict[str, int]]:
-    """sha256 and size of every file of the artifact under `directory`."""
+def _hash_files(directory: Path, selected=lambda rel: True) -> tuple[dict[str, str], dict[str, int]]:
+    """sha256 and size of every file of the artifact under `directory` (of those `selected`)."""
     files, sizes = {}, {}
-    for rel in _artifact_files(directory):
+    for rel in filter(selected, _artifact_files(directory)):
         if not _inside(directory, rel):
             raise FactorportError(f"{directory / rel} is a link leaving {directory} or not a file; remove it and convert again")
         files[rel], sizes[rel] = sha256(directory / rel), (directory / rel).stat().st_size
@@ -95,16 +95,15 @@ def refresh_manifest(directory: Path, written: Sequence[str] | None = None) -> d
     directory = Path(directory)
     old = read_manifest(directory)
     info = {k: v for k, v in old.items() if k not in ("packages", "files", "sizes")}
-    files, sizes = _hash_files(directory)
-    if written is not None:
+    if written is None:
+        return _write(directory, info, *_hash_files(directory))
 
-        def rewritten(rel: str) -> bool:
-            return any(rel == w or (w.endswith("/") and rel.startswith(w)) for w in written)
+    def rewritten(rel: str) -> bool:
+        return any(rel == w or (w.endswith("/") and rel.startswith(w)) for w in written)
 
-        kept_files = {rel: d for rel, d in (old.get("files") or {}).items() if not rewritten(rel)}
-        kept_sizes = {rel: n for rel, n in (old.get("sizes") or {}).items() if not rewritten(rel)}
-        files = {**kept_files, **{rel: d for rel, d in files.items() if rewritten(rel)}}
-        sizes = {**kept_sizes, **{rel: n for rel, n in sizes.items() if rewritten(rel)}}
+    files, sizes = _hash_files(directory, rewritten)  # only what was written: the rest keeps its recorded hash
+    files = {**{rel: d for rel, d in (old.get("files") or {}).items() if not rewritten(rel)}, **files}
+    sizes = {**{rel: n for rel, n in (old.get("sizes") or {}).items() if not rewritten(rel)}, **sizes}
     return _write(directory, info, files, sizes)
 
 
