@@ -18,6 +18,7 @@ in a child process, so a crash there is a FactorportError here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,25 +26,25 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from . import __version__
-from .converters import CalibrationConfig, apply, calibrate, check
+from . import __version__, loading
+from .converters import CalibrationConfig, apply, check, whole_model_reason
+from .converters.calibration import MODES, collect, describe_source, token_sequences
+from .converters.pipeline import Resume, convert_layers
 from .errors import FactorportError
 from .formats import exporter, manifest, safetensors_dir
+from .formats.layout import describe_linears
 from .formats.safetensors_dir import SUBDIR as SAFETENSORS
-from .formats.safetensors_dir import find_artifact
-from .loading import load_model
+from .formats.safetensors_dir import find_artifact, save_side_files
+from .loading import load_model, open_source
+from .ops import TiedEmbedding
 from .recipe import Recipe, load_recipe
+from .staging import STATE, finished, refuse_existing, resumable_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
 DEFAULT_TEXT = SHARED_DATA / "wiki.test.raw"
-
-
-def refuse_existing(output: Path, force: bool) -> None:
-    if Path(output).exists() and not force:
-        raise FactorportError(f"output {output} already exists; pass --force to overwrite it")
 
 
 @contextmanager
@@ -80,45 +81,74 @@ def convert(
     formats: Sequence[str] = (),
     export_options: dict[str, dict] | None = None,
     step_options: dict[str, dict] | None = None,
+    mode: str | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    max_shard_bytes: int = safetensors_dir.MAX_SHARD_BYTES,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Path:
     """Compress `model` (None: the embedded default) with `recipe` and write
     OUTPUT/safetensors, OUTPUT/report/convert.json and OUTPUT/manifest.json,
     plus OUTPUT/<format> for each of `formats` ("onnx", "gguf"), exported with
     `export_options[format]`. `step_options[step]` overrides fields of every
-    recipe step of that name (e.g. {"correct": {"ranks": ...}})."""
+    recipe step of that name (e.g. {"correct": {"ranks": ...}}).
+
+    The model is converted one decoder layer at a time (`converters.pipeline`);
+    `mode` ("sequential", the default, or "parallel") says whether a layer's
+    calibration inputs come from the compressed or the original layers before
+    it, `device` where the forward passes run ("cuda" when available). Each
+    finished layer is written to OUTPUT's `.partial` directory, which an
+    interrupted run keeps and `resume=True` continues. `on_layer(i)` is called
+    after layer i is written."""
     formats = [f for f in formats if f != SAFETENSORS]
     exporters = {name: exporter(name) for name in formats}  # unknown names fail before any work
     output = Path(output)
     refuse_existing(output, force)  # before any work
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
     recipe = _override_steps(recipe, step_options or {})
+    mode = mode or recipe.calibration.get("mode", "sequential")
+    if mode not in MODES:
+        raise FactorportError(f"calibration mode '{mode}' is not one of {', '.join(MODES)}")
+    device = _device(device)
     started = time.perf_counter()
-    hf_model, tokenizer, source = load_model(model)
-    check(hf_model, recipe.steps)
-    stats = None
+    weights, tokenizer, source = open_source(model)
+    skeleton = loading.skeleton(weights.config)
+    check(skeleton, recipe.steps)
+    calibration = None
     if recipe.needs_calibration:
-        config = CalibrationConfig(
+        calibration = CalibrationConfig(
             source=str(calib or DEFAULT_CALIB),
             samples=samples or recipe.calibration.get("samples", 128),
             seq_len=seq_len or recipe.calibration.get("seq_len", 512),
+            mode=mode,
         )
-        stats = calibrate(hf_model, tokenizer, config, progress=progress)
-    reports = apply(hf_model, recipe.steps, stats, progress=progress)
-    with staged_output(output, force) as tmp:
-        if progress:
-            print(f"factorport: writing {output}")
-        (tmp / SAFETENSORS).mkdir()
-        safetensors_dir.save(hf_model, tokenizer, tmp / SAFETENSORS)
+    # tokenized before anything is staged: a missing or short text fails here
+    sequences = token_sequences(tokenizer, calibration.source, calibration.samples, calibration.seq_len) if calibration else []
+    settings = {
+        "factorport_version": __version__,
+        "source": source.path,
+        "recipe": recipe.text,
+        "steps": repr(recipe.steps),
+        "calibration": None if calibration is None else dataclasses.asdict(calibration),
+        "device": str(device),
+    }
+    with resumable_output(output, force, settings, resume, progress) as tmp:
+        whole = whole_model_reason(recipe.steps)
+        if whole:
+            if progress:
+                print(f"factorport: {whole}: converting the whole model in memory, statistics from the uncompressed model")
+            summary = _convert_whole(weights, skeleton, recipe, calibration, sequences, tmp, progress)
+        else:
+            summary = _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp, device, progress, resume, max_shard_bytes, on_layer)
+        save_side_files(skeleton.config, _generation_config(source), tokenizer, tmp / SAFETENSORS)
+        summary = {"recipe": recipe.name, **summary, "seconds": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss()}
         (tmp / "report").mkdir()
-        summary = {
-            "recipe": recipe.name,
-            "calibration": None if stats is None else {"source": stats.source, "tokens": stats.tokens, "seconds": round(stats.seconds, 2)},
-            "seconds": round(time.perf_counter() - started, 2),
-            "layers": [r.to_dict() for r in reports],
-        }
         (tmp / "report" / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for name, export_to in exporters.items():
-            _export_into(export_to, name, hf_model, tokenizer, tmp, (export_options or {}).get(name, {}), progress)
+        if exporters:
+            compressed, tokenizer = safetensors_dir.load(tmp / SAFETENSORS)
+            for name, export_to in exporters.items():
+                _export_into(export_to, name, compressed, tokenizer, tmp, (export_options or {}).get(name, {}), progress)
+        finished(tmp)
         manifest.write_manifest(
             tmp,
             {
@@ -130,6 +160,89 @@ def convert(
             },
         )
     return output
+
+
+def _device(device: str | None):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise FactorportError(f"device '{device}' is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FactorportError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _generation_config(source):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source.path)
+    except (OSError, ValueError):  # none shipped (GGUF, bare directories)
+        return None
+
+
+def _calibration_summary(calibration, sequences, seconds: float, mode: str) -> dict | None:
+    if calibration is None:
+        return None
+    tokens = sum(s.numel() for s in sequences)
+    return {"source": describe_source(calibration, sequences), "tokens": tokens, "seconds": round(seconds, 2), "mode": mode}
+
+
+def _convert_whole(weights, skeleton, recipe, calibration, sequences, tmp: Path, progress: bool) -> dict:
+    """Steps that see every layer at once: the whole model in float32 memory,
+    statistics from the uncompressed model (the `parallel` mode)."""
+    model = loading.materialize_source(skeleton, weights)
+    stats = collect(model, sequences, describe_source(calibration, sequences), progress=progress) if calibration else None
+    reports = apply(model, recipe.steps, stats, progress=progress)
+    (tmp / SAFETENSORS).mkdir()
+    safetensors_dir.save(model, None, tmp / SAFETENSORS)
+    summary = None
+    if stats is not None:
+        summary = {"source": stats.source, "tokens": stats.tokens, "seconds": round(stats.seconds, 2), "mode": "parallel (whole model)"}
+    return {"calibration": summary, "layers": [r.to_dict() for r in reports]}
+
+
+def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Path, device, progress: bool, resume: bool, max_shard_bytes: int, on_layer) -> dict:
+    """Layer by layer: each finished layer is a piece in `tmp` (and the hidden
+    states after it, for a resume), assembled into OUTPUT/safetensors at the end."""
+    calib_started = time.perf_counter()
+    described = describe_source(calibration, sequences) if calibration else ""
+    state = None
+    if resume and (tmp / STATE).is_file():
+        tensors, info = safetensors_dir.load_state(tmp / STATE)
+        state = Resume(info["next_layer"], tensors.get("hidden"))
+        if progress:
+            print(f"factorport: resuming {tmp} at layer {state.layer}")
+    elif resume and safetensors_dir.piece_files(tmp):
+        raise FactorportError(f"{tmp} has finished layers but no {STATE} to continue from; run without --resume")
+    layers = convert_layers(
+        skeleton, weights, recipe.steps, sequences, described, calibration.mode if calibration else "parallel",
+        device, state, progress,
+    )
+    for piece in layers:
+        name = f"layer-{piece.index:05d}" if piece.index >= 0 else "rest"
+        owner = skeleton.get_submodule(piece.prefix) if piece.prefix else skeleton
+        fragment = describe_linears(skeleton, piece.linears)
+        safetensors_dir.write_piece(tmp, name, safetensors_dir.stored_tensors(owner, piece.prefix), fragment, [r.to_dict() for r in piece.reports])
+        if piece.index >= 0:
+            hidden = {} if piece.hidden is None else {"hidden": piece.hidden}
+            safetensors_dir.save_state(tmp / STATE, hidden, {"next_layer": piece.index + 1})
+            if on_layer is not None:
+                on_layer(piece.index)
+    reports = [row for path in safetensors_dir.piece_files(tmp) for row in safetensors_dir.piece_info(path)["reports"]]
+    (tmp / SAFETENSORS).mkdir()
+    tied = isinstance(skeleton.get_input_embeddings(), TiedEmbedding)
+    safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, max_shard_bytes)
+    return {"calibration": _calibration_summary(calibration, sequences, time.perf_counter() - calib_started, calibration.mode if calibration else ""), "layers": reports}
 
 
 def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:

@@ -27,6 +27,7 @@ class ArchSpec:
     lm_head: str
     qkv_bias: bool
     decoder: str = "model"  # the module that takes attention_mask and position_ids
+    norm: str = "model.norm"  # the final norm, between the last layer and lm_head
     attention: str = "self_attn"  # per layer
     rotary: str = "rotary_emb"  # relative to the decoder: (x, position_ids) -> cos, sin
 

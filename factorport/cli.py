@@ -76,6 +76,9 @@ def _convert(args) -> None:
         formats=_formats(args.format),
         export_options=_export_options(args),
         step_options=_step_options(args),
+        mode=args.calib_mode,
+        device=args.device,
+        resume=args.resume,
     )
     print(f"factorport: wrote {out} (inspect it with 'factorport inspect {out}')")
 
@@ -247,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration text file or datasets id (default: WikiText-2 validation)")
     p.add_argument("--calib-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    p.add_argument(
+        "--calib-mode", choices=("sequential", "parallel"),
+        help="sequential (default): each layer calibrated on what the compressed layers before it produce; "
+        "parallel: every layer on the original model's activations",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where calibration forward passes run (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion from its last finished layer")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--adapter-budget", type=float, metavar="MB", help="bytes (MB) the recipe's correct step may add (the GGUF adapter)")

@@ -4,6 +4,13 @@ embedded default (SmolLM2-135M-Instruct shipped as Q4_1 GGUF inside the
 
 The embedded GGUF takes ~40 s to dequantize through transformers, so its fp32
 form is cached once under the factorport cache directory.
+
+For conversion the source is a `WeightSource`, read one tensor at a time:
+an HF directory's safetensors (one file or a sharded
+`model.safetensors.index.json`; float16, bfloat16 or float32) is opened per
+read, so no tensor stays mapped and none is converted to float32 before it
+is asked for. Other sources (a GGUF file, a hub id, a directory without
+safetensors) are loaded whole by transformers first (`ModelSource`).
 """
 
 from __future__ import annotations
@@ -63,9 +70,7 @@ def _from_pretrained(path_or_id: str, **kwargs):
 
 
 def _check_architecture(path_or_id: str, **kwargs) -> None:
-    from transformers import AutoConfig
-
-    arch_for(AutoConfig.from_pretrained(path_or_id, **kwargs))
+    _config(path_or_id, **kwargs)
 
 
 def _load_gguf(path: Path):
@@ -130,6 +135,127 @@ def default_model_dir(progress: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ------------------------------------------------------------------ lazy weights
+
+SOURCE_DTYPES = ("F16", "BF16", "F32")
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsSource:
+    """An HF directory's tensors, each read (and made float32) when asked for."""
+
+    def __init__(self, directory: Path) -> None:
+        from .formats.safetensors_dir import read_header, read_json_file
+
+        self.directory = Path(directory)
+        index = self.directory / INDEX
+        if index.is_file():
+            weight_map = read_json_file(index, fix="re-download the model").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+                raise FactorportError(f"{index}: weight_map is not a map of tensor names to shard files; re-download the model")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = ["model.safetensors"]
+        self.file_of: dict[str, Path] = {}
+        self.dtype_of: dict[str, str] = {}
+        for name in files:
+            path = self.directory / name
+            if not path.is_file():
+                raise FactorportError(f"{path} is missing; the model directory is incomplete, re-download it")
+            tensors, _ = read_header(path)  # bounded checks before safetensors maps it
+            for tensor, entry in tensors.items():
+                if entry.dtype not in SOURCE_DTYPES:
+                    raise FactorportError(f"{path}: tensor {tensor} is {entry.dtype}; factorport reads float16, bfloat16 or float32 weights")
+                self.file_of[tensor] = path
+                self.dtype_of[tensor] = entry.dtype
+        self.config = _config(str(self.directory))
+        self.tokenizer = None
+
+    @classmethod
+    def usable(cls, directory: Path) -> bool:
+        return (directory / INDEX).is_file() or (directory / "model.safetensors").is_file()
+
+    def has(self, name: str) -> bool:
+        return name in self.file_of
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The tensor `name` in `dtype` (None: as stored)."""
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.file_of:
+            raise FactorportError(f"{self.directory} has no tensor {name}; the checkpoint does not match its config.json")
+        try:  # opened per read: the mapping (and its resident pages) ends with the read
+            with safe_open(str(self.file_of[name]), framework="pt") as fh:
+                tensor = fh.get_tensor(name)
+                return tensor if dtype is None else tensor.to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise FactorportError(f"{self.file_of[name]} is truncated or corrupted ({str(exc)[:80]}); re-download the model") from None
+
+
+class ModelSource:
+    """The tensors of a model transformers has already loaded whole."""
+
+    def __init__(self, model) -> None:
+        self.config = model.config
+        self._tensors = {k: v for k, v in model.state_dict().items()}
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        if name not in self._tensors:
+            raise FactorportError(f"the source model has no tensor {name}")
+        tensor = self._tensors[name]
+        return tensor if dtype is None else tensor.to(dtype)
+
+
+def _config(path_or_id: str, **kwargs):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path_or_id, **kwargs)
+    arch_for(config)
+    return config
+
+
+def skeleton(config):
+    """A transformers model of `config` on the meta device (no memory), with
+    the buffers a checkpoint does not store (rotary inv_freq) computed."""
+    from transformers import AutoModelForCausalLM
+
+    from .formats.safetensors_dir import compute_buffers, no_init_weights
+
+    with torch.device("meta"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    compute_buffers(model, "the source config")
+    return model.eval()
+
+
+def materialize_source(model, source):
+    """Fill a `skeleton` with every source tensor (float32): the whole model in memory."""
+    names = [n for n in model.state_dict() if not (n.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False))]
+    model.load_state_dict({n: source.tensor(n) for n in names}, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def open_source(model: str | None = None):
+    """(WeightSource, tokenizer, Source) for conversion, reading tensors lazily where it can."""
+    from transformers import AutoTokenizer
+
+    source = resolve(model)
+    path = Path(source.path)
+    if source.kind in ("default", "directory") and SafetensorsSource.usable(path):
+        weights = SafetensorsSource(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+        except (OSError, ValueError) as exc:
+            raise FactorportError(f"could not load the tokenizer of {model}: {str(exc).splitlines()[0][:80]}") from exc
+        return weights, tokenizer, source
+    hf_model, tokenizer, source = load_model(model)
+    return ModelSource(hf_model), tokenizer, source
 
 
 def resolve(model: str | None) -> Source:

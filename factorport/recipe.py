@@ -2,7 +2,7 @@
 
     name: w4-gptq
     description: int4 symmetric, groups of 64, GPTQ
-    calibration: {samples: 128, seq_len: 512}     # optional
+    calibration: {samples: 128, seq_len: 512, mode: sequential}   # optional
     steps:
       - quantize: {method: gptq, bits: 4, group_size: 64, symmetric: true}
     validate: {thresholds: {"llama.cpp:top1_agreement": 0.95}}   # optional
@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from .converters import STEPS
+from .converters.calibration import MODES
 from .converters.ranks import BUDGET_KEYS, WEIGHTINGS, RankPolicy
 from .errors import FactorportError
 from .ops.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
@@ -36,7 +37,7 @@ CHOICES = {
     "factor_dtype": (None, "float32", "float16", "bfloat16"),
 }
 TOP_LEVEL = ("name", "description", "calibration", "steps", "validate")
-CALIBRATION_KEYS = {"samples": int, "seq_len": int}
+CALIBRATION_KEYS = {"samples": int, "seq_len": int, "mode": str}
 
 
 @dataclass
@@ -89,6 +90,8 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
     _check_keys(calibration, CALIBRATION_KEYS, f"{where}: calibration")
     for key, value in calibration.items():
         calibration[key] = _check_type(value, CALIBRATION_KEYS[key], f"{where}: calibration.{key}")
+    if calibration.get("mode", MODES[0]) not in MODES:
+        raise FactorportError(f"{where}: calibration.mode: {calibration['mode']!r} is not one of {', '.join(MODES)}")
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
         raise FactorportError(f"{where}: steps: expected a non-empty list of steps ({', '.join(STEPS)})")

@@ -384,7 +384,7 @@ def test_gptq_single_layer(spec):
     w = torch.randn(24, 128, generator=g)
     x = correlated_activations(512, 128, seed=5)
     xtx = x.T @ x
-    base = gptq(w, xtx, spec, damping=0.01, block_size=64)
+    base = gptq(w, xtx.clone(), spec, damping=0.01, block_size=64)
     rtn = QuantizedBase.from_weight(w, spec)
     e_gptq = output_error(w, base.to_dense(), xtx)
     e_rtn = output_error(w, rtn.to_dense(), xtx)
@@ -416,8 +416,8 @@ def test_gptq_clip_search_lowers_output_error():
     x = correlated_activations(512, 128, seed=9)
     xtx = x.T @ x
     spec = QuantSpec(4, 64, True)
-    plain = output_error(w, gptq(w, xtx, spec, 0.01, 128).to_dense(), xtx)
-    clipped = output_error(w, gptq(w, xtx, spec, 0.01, 128, clip_search=True).to_dense(), xtx)
+    plain = output_error(w, gptq(w, xtx.clone(), spec, 0.01, 128).to_dense(), xtx)
+    clipped = output_error(w, gptq(w, xtx.clone(), spec, 0.01, 128, clip_search=True).to_dense(), xtx)
     assert clipped < plain
 
 

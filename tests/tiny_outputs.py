@@ -12,7 +12,7 @@ TEXT = DATA / "wiki.test.raw"
 RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn, bits: 8, group_size: 64, symmetric: true}\n"
 
 
-def tiny_source(directory: Path) -> Path:
+def tiny_source(directory: Path, layers: int = 2, **config) -> Path:
     """A Hugging Face directory: tiny random Llama + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
@@ -25,8 +25,11 @@ def tiny_source(directory: Path) -> Path:
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=512, tie_word_embeddings=True,
+        **{
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True,
+            **config,
+        }
     )
     model = transformers.LlamaForCausalLM(config).eval()
     directory.mkdir(parents=True)

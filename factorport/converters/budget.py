@@ -143,7 +143,7 @@ def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progres
         options, menu = [], {}
         for bits in config.bits:
             spec = QuantSpec(bits, config.group_size, config.symmetric)
-            bases = [_quantize(w, spec, config, stats.xtx(n, config.sink_weight)) for n, w in zip(unit, weights)]
+            bases = [_quantize(w, spec, config, stats.hessian(n, config.sink_weight)) for n, w in zip(unit, weights)]
             p, s, right, reference = stacked_error_svd(weights, [b.to_dense() for b in bases], whitening, config.balance_members)
             menu[bits] = (bases, p, s, right)
             base_bytes = sum(module_bytes(b) for b in bases)

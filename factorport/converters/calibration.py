@@ -43,6 +43,17 @@ class CalibrationStats:
         first = self.first_tokens[key].double()
         return gram + (sink_weight - 1.0) * (first.T @ first)
 
+    def hessian(self, name: str, sink_weight: float = 1.0) -> torch.Tensor:
+        """`xtx` as a new float32 matrix, for the sweeps (GPTQ, SparseGPT) that
+        work in float32 and may change it in place: a 14336-wide input's XᵀX is
+        0.8 GB in float32, and no float64 temporary is made."""
+        key = self.key_of[name]
+        h = self.grams[key].float()
+        if sink_weight != 1.0 and key in self.first_tokens:
+            first = self.first_tokens[key].float()
+            h.addmm_(first.T, first, alpha=sink_weight - 1.0)
+        return h
+
     def channel_norms(self, name: str) -> torch.Tensor:
         return self.xtx(name).diagonal().clamp_min(0).sqrt()
 
@@ -55,6 +66,13 @@ class CalibrationConfig:
     source: str  # a local text file, or a datasets id "name[:config[:split]]"
     samples: int = 128
     seq_len: int = 512
+    # sequential: each layer's statistics come from the inputs the already
+    # compressed layers produce (GPTQ's reference, llm-compressor); parallel:
+    # every layer's from the uncompressed model.
+    mode: str = "sequential"
+
+
+MODES = ("sequential", "parallel")
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", ".text")
@@ -112,54 +130,80 @@ def token_sequences(tokenizer, source: str, samples: int, seq_len: int) -> list[
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(count)]
 
 
-@torch.inference_mode()
+class GramCollector:
+    """Forward pre-hooks that sum XᵀX (float64) of every distinct input of the
+    linears `names`, and keep each sequence's first token. Every buffer is
+    allocated once, before the first forward, and filled in place: long-lived
+    tensors allocated between the forwards' temporaries fragment the heap, and
+    resident memory then grew ~500 MB per sequence."""
+
+    def __init__(self, model, names, sequences: int, device: torch.device | str = "cpu") -> None:
+        arch = arch_for(model.config)
+        wanted = set(names)
+        self.grams: dict[str, torch.Tensor] = {}
+        self.first: dict[str, torch.Tensor] = {}
+        self.key_of: dict[str, str] = {}
+        self.sequence = 0  # which sequence the next forward is
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        for group in input_groups(model, arch):
+            group = [n for n in group if n in wanted]
+            if not group:
+                continue
+            key = group[0]
+            for name in group:
+                self.key_of[name] = key
+            width = model.get_submodule(key).in_features
+            self.grams[key] = torch.zeros(width, width, dtype=torch.float64, device=device)
+            self._scratch[key] = torch.empty(width, width, device=device)
+            self.first[key] = torch.empty(sequences, width, device=device)
+            self._hooks.append(model.get_submodule(key).register_forward_pre_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def hook(module, args):
+            self.add(key, args[0])
+
+        return hook
+
+    def add(self, key: str, hidden: torch.Tensor) -> None:
+        """Count `hidden` (1, tokens, width) as an input of `key`."""
+        x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+        torch.mm(x.T, x, out=self._scratch[key])
+        self.grams[key] += self._scratch[key]
+        self.first[key][self.sequence] = hidden[0, 0]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._scratch.clear()
+
+    def stats(self, tokens: int, source: str, seconds: float) -> CalibrationStats:
+        self.close()
+        return CalibrationStats(self.grams, self.key_of, tokens, self.first, source, seconds)
+
+
+def describe_source(config: CalibrationConfig, sequences: list[torch.Tensor]) -> str:
+    return f"{config.source} ({len(sequences)}x{config.seq_len} tokens)"
+
+
 def calibrate(model, tokenizer, config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
-    """Run the calibration text through `model` and collect XᵀX for every linear input."""
-    start = time.perf_counter()
-    arch = arch_for(model.config)
+    """Run the calibration text through the whole `model` and collect XᵀX for every linear input."""
     sequences = token_sequences(tokenizer, config.source, config.samples, config.seq_len)
-    present = set(linear_names(model, arch))
-    # Every buffer is allocated once, before the first forward, and filled in
-    # place: long-lived tensors allocated between the forwards' temporaries
-    # fragment the heap, and resident memory then grew ~500 MB per sequence.
-    grams: dict[str, torch.Tensor] = {}
-    scratch: dict[str, torch.Tensor] = {}
-    first: dict[str, torch.Tensor] = {}
-    key_of: dict[str, str] = {}
-    hooks = []
-    count = {"seq": 0}
-    for group in input_groups(model, arch):
-        group = [n for n in group if n in present]
-        if not group:
-            continue
-        key = group[0]
-        for name in group:
-            key_of[name] = key
-        width = model.get_submodule(key).in_features
-        grams[key] = torch.zeros(width, width, dtype=torch.float64)
-        scratch[key] = torch.empty(width, width)
-        first[key] = torch.empty(len(sequences), width)
+    return collect(model, sequences, describe_source(config, sequences), progress)
 
-        def hook(module, args, key=key):
-            hidden = args[0].detach()
-            x = hidden.reshape(-1, hidden.shape[-1]).float()
-            torch.mm(x.T, x, out=scratch[key])
-            grams[key] += scratch[key]
-            first[key][count["seq"]] = hidden[0, 0]
 
-        hooks.append(model.get_submodule(key).register_forward_pre_hook(hook))
+@torch.inference_mode()
+def collect(model, sequences: list[torch.Tensor], source: str = "", progress: bool = True) -> CalibrationStats:
+    """XᵀX of every linear input of the whole `model` (in memory) over token
+    `sequences`: every layer's statistics from the uncompressed model."""
+    start = time.perf_counter()
+    collector = GramCollector(model, linear_names(model, arch_for(model.config)), len(sequences))
     try:
         for i, seq in enumerate(tqdm(sequences, desc="calibrate", unit="seq", disable=not progress)):
-            count["seq"] = i
+            collector.sequence = i
             model(input_ids=seq, use_cache=False)
     finally:
-        for h in hooks:
-            h.remove()
-    return CalibrationStats(
-        grams=grams,
-        key_of=key_of,
-        first_tokens=first,
-        tokens=sum(s.numel() for s in sequences),
-        source=f"{config.source} ({len(sequences)}x{config.seq_len} tokens)",
-        seconds=time.perf_counter() - start,
-    )
+        collector.close()
+    tokens = sum(s.numel() for s in sequences)
+    return collector.stats(tokens, source, time.perf_counter() - start)

@@ -71,7 +71,7 @@ def _all_tensors(model) -> dict:
             tensors[f"blk.{i}.{stem}.weight"] = layer.get_submodule(rel).weight
     for name in _gguf_names(model, [n for n in compressible_linears(model, ["linears"])]).items():
         tensors[name[1]] = model.get_submodule(name[0]).weight
-    tensors[OUTPUT_NORM] = model.get_submodule(arch.layers.rpartition(".")[0] + ".norm").weight
+    tensors[OUTPUT_NORM] = model.get_submodule(arch.norm).weight
     if not is_tied(model):
         tensors[OUTPUT] = model.get_submodule(arch.lm_head).weight
     return {k: v.detach().float().contiguous().numpy() for k, v in tensors.items()}

@@ -66,12 +66,15 @@ def obs_sweep(weight: torch.Tensor, xtx: torch.Tensor, damping: float, block_siz
     Hessian H = XᵀX. Returns the replaced weights."""
     rows, cols = weight.shape
     w = weight.float().clone()
-    h = xtx.float().clone()
+    # a float32 `xtx` is used up, changed in place: a 14336-wide H is 0.8 GB
+    # (`CalibrationStats.hessian` makes a fresh one per call)
+    h = xtx.float()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damping * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    del h
     result = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -147,10 +150,11 @@ def clipped_group_params(w: torch.Tensor, spec: QuantSpec, importance: torch.Ten
 def gptq(
     weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: float, block_size: int, clip_search: bool = False
 ) -> QuantizedBase:
+    """GPTQ codes of `weight` under H = `xtx` (a float32 `xtx` is used up, see `obs_sweep`)."""
     rows, cols = weight.shape
     spec.check_fits(cols)
     block_size = max(spec.group_size, block_size // spec.group_size * spec.group_size)  # groups never straddle blocks
-    rounder = GroupRounder(rows, cols, spec, importance=xtx.diagonal().float() if clip_search else None)
+    rounder = GroupRounder(rows, cols, spec, importance=xtx.diagonal().float().clone() if clip_search else None)
     obs_sweep(weight, xtx, damping, block_size, rounder)
     return QuantizedBase(pack(rounder.codes, spec), rounder.scale, rounder.minimum, spec, cols)
 
@@ -183,7 +187,7 @@ def quantize_(model, config: QuantizeConfig, stats: CalibrationStats | None, pro
             continue
         started = time.perf_counter()
         if config.method == "gptq":
-            base = gptq(weight, stats.xtx(name, config.sink_weight), spec, config.damping, config.block_size, config.clip_search)
+            base = gptq(weight, stats.hessian(name, config.sink_weight), spec, config.damping, config.block_size, config.clip_search)
         else:
             base = QuantizedBase.from_weight(weight, spec)
         if isinstance(module, CompressedLinear):  # keep its low-rank term, if any

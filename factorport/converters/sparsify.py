@@ -165,7 +165,7 @@ def sparsify_(model, config: SparsifyConfig, stats: CalibrationStats | None, pro
         linear = model.get_submodule(name)
         started = time.perf_counter()
         norms = stats.channel_norms(name) if config.method == "wanda" else None
-        xtx = stats.xtx(name, config.sink_weight) if config.compensate and stats is not None else None
+        xtx = stats.hessian(name, config.sink_weight) if config.compensate and stats is not None else None
         base = sparse_base(linear.weight, norms, config, xtx)
         new = CompressedLinear.from_linear(linear, base)
         err = output_error(linear.weight, base.to_dense(), stats.xtx(name) if stats is not None else None)

@@ -29,18 +29,19 @@ from ..ops import BlockSparseBase, CompressedLinear, DenseBase, Projection, Quan
 from ..ops.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 FORMAT_NAME = "factorport"
-FORMAT_VERSION = 1
+# 1: one model.safetensors; 2: also sharded, with model.safetensors.index.json (docs/FORMAT.md)
+FORMAT_VERSION = 2
 
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def describe(model) -> dict:
-    """The layout metadata of a (possibly partly) compressed model."""
-    arch = arch_for(model.config)
+def describe_linears(model, names) -> tuple[dict, dict]:
+    """(linears, shared) of the layout for the compressed linears among `names`:
+    one decoder layer's fragment, or the whole model's."""
     linears, shared = {}, {}
-    for name in linear_names(model, arch):
+    for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, CompressedLinear):
             continue
@@ -60,14 +61,29 @@ def describe(model) -> dict:
                 )
                 group["members"].append(name)
         linears[name] = entry
+    return linears, shared
+
+
+def layout(model_type: str, tied_embeddings: bool, fragments) -> dict:
+    """The layout metadata from `(linears, shared)` fragments (in model order)."""
+    linears, shared = {}, {}
+    for part_linears, part_shared in fragments:
+        linears.update(part_linears)
+        shared.update(part_shared)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "model_type": model.config.model_type,
-        "tied_embeddings": isinstance(model.get_input_embeddings(), TiedEmbedding),
+        "model_type": model_type,
+        "tied_embeddings": tied_embeddings,
         "linears": linears,
         "shared": shared,
     }
+
+
+def describe(model) -> dict:
+    """The layout metadata of a (possibly partly) compressed model."""
+    fragment = describe_linears(model, linear_names(model, arch_for(model.config)))
+    return layout(model.config.model_type, isinstance(model.get_input_embeddings(), TiedEmbedding), [fragment])
 
 
 # ---------------------------------------------------------------- checking

@@ -1,7 +1,16 @@
 """The safetensors directory: `model.safetensors` (every tensor once, the
-layout JSON in the header under `factorport`), plus config, generation config
-and tokenizer files, so the directory looks like a Hugging Face model.
-`load` gives back a transformers model computing the same logits bit for bit.
+layout JSON in the header under `factorport`), or above `MAX_SHARD_BYTES`
+shards `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`
+(Hugging Face's convention; the layout JSON in the index's metadata), plus
+config, generation config and tokenizer files, so the directory looks like a
+Hugging Face model. `load` gives back a transformers model computing the
+same logits bit for bit.
+
+Writing streams: a layer-by-layer conversion writes each finished decoder
+layer as a *piece* (a safetensors file holding that layer's tensors, its
+layout fragment and its reports) into the staging directory, and `assemble`
+turns the pieces into the final file or shards. `write_file` writes one
+tensor at a time from its own memory, never a second copy of the model.
 
 Reading is checked before anything is built (docs/FORMAT.md, "What a reader
 checks"): the safetensors header is parsed here, bounded by the file size;
@@ -15,21 +24,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..architectures import ARCHITECTURES
 from ..errors import FactorportError
-from .layout import describe, rebuild, verify_tensors
+from .layout import describe, layout, rebuild, verify_tensors
 
 SUBDIR = "safetensors"  # inside a `factorport convert` output
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+# above this the directory is sharded, one decoder layer per shard (so a
+# reader, like the converter, can hold one layer at a time)
+MAX_SHARD_BYTES = 2 << 30
+PIECES = "pieces"  # in a staging directory: one file per finished layer
+PIECE_KEY = "factorport_piece"
 CONFIG = "config.json"
 METADATA_KEY = "factorport"
 # bytes per element of every safetensors dtype (sub-byte float types are not read)
@@ -64,11 +81,13 @@ class TensorEntry:
 
 def state_tensors(model) -> dict[str, torch.Tensor]:
     """Every stored tensor once: shared storage (tied weights) is kept under its first name."""
+    return _unique({k: t for k, t in model.state_dict(keep_vars=False).items() if t is not None})
+
+
+def _unique(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: dict[int, str] = {}
     tensors = {}
-    for name, t in model.state_dict(keep_vars=False).items():
-        if t is None:
-            continue
+    for name, t in named.items():
         key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else (id(t), 0, t.dtype)
         if key in seen:
             continue
@@ -78,15 +97,118 @@ def state_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save(model, tokenizer, directory: Path) -> dict:
-    """Write the directory (which must exist and be empty); returns the layout metadata."""
+    """Write the directory (which must exist and be empty) from a model in
+    memory, as one file; returns the layout metadata."""
     meta = describe(model)
-    save_file(state_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
+    write_file(directory / WEIGHTS, state_tensors(model), {"format": "pt", METADATA_KEY: json.dumps(meta)})
+    save_side_files(model.config, getattr(model, "generation_config", None), tokenizer, directory)
+    return meta
+
+
+def save_side_files(config, generation_config, tokenizer, directory: Path) -> None:
+    config.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file, streamed tensor by tensor from the tensors' own
+    memory (safetensors' `save_file` first builds the whole file in memory:
+    a second copy of an 8B model's embedding). Tensors are laid out in name
+    order, which `_check_write_order` also accepts. Written to a temporary
+    name and renamed, so a crash never leaves a half-written file."""
+    names = sorted(tensors)
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the spec pads the header with spaces to 8 bytes
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(encoded)))
+        fh.write(encoded)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def stored_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """`state_tensors` of a module's non-meta tensors, names under `prefix`."""
+    lead = f"{prefix}." if prefix else ""
+    real = {k: v for k, v in module.state_dict(keep_vars=False).items() if v is not None and not v.is_meta}
+    return {lead + k: v for k, v in _unique(real).items()}
+
+
+def write_piece(staging: Path, name: str, tensors: dict[str, torch.Tensor], fragment: tuple[dict, dict], reports: list[dict]) -> None:
+    """One finished part of a layer-by-layer conversion, in `staging/pieces`."""
+    (staging / PIECES).mkdir(exist_ok=True)
+    info = {"linears": fragment[0], "shared": fragment[1], "reports": reports}
+    write_file(staging / PIECES / f"{name}.safetensors", tensors, {"format": "pt", PIECE_KEY: json.dumps(info)})
+
+
+def piece_files(staging: Path) -> list[Path]:
+    return sorted((staging / PIECES).glob("*.safetensors")) if (staging / PIECES).is_dir() else []
+
+
+def piece_info(path: Path) -> dict:
+    _, header = read_header(path)
+    info = parse_json(header.get(PIECE_KEY, ""), path, "the piece record", "convert again without --resume")
+    if not isinstance(info, dict) or set(info) != {"linears", "shared", "reports"}:
+        raise FactorportError(f"{path}: not a piece of a factorport conversion; convert again without --resume")
+    return info
+
+
+def assemble(staging: Path, directory: Path, model_type: str, tied: bool, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """The final safetensors files of `directory` from the pieces in
+    `staging`: one `model.safetensors` when the pieces hold at most
+    `max_shard_bytes`, else one shard per piece and the index. Returns the layout."""
+    pieces = piece_files(staging)
+    infos = [piece_info(p) for p in pieces]
+    meta = layout(model_type, tied, [(i["linears"], i["shared"]) for i in infos])
+    total = sum(p.stat().st_size for p in pieces)
+    if total <= max_shard_bytes:
+        tensors = {}
+        for path in pieces:
+            tensors.update(read_file_tensors(path))
+        write_file(directory / WEIGHTS, tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)})
+        shutil.rmtree(staging / PIECES)
+        return meta
+    weight_map, size = {}, 0
+    for i, path in enumerate(pieces):
+        shard = f"model-{i + 1:05d}-of-{len(pieces):05d}.safetensors"
+        entries, _ = read_header(path)
+        weight_map.update({name: shard for name in entries})
+        size += sum(e.nbytes for e in entries.values())
+        os.replace(path, directory / shard)
+    index = {"metadata": {"total_size": size, METADATA_KEY: meta}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (staging / PIECES).rmdir()
     return meta
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Resumption state (activations, no pickle), written atomically."""
+    write_file(path, tensors, {"format": "pt", PIECE_KEY: json.dumps(info)})
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    _, header = read_header(path)
+    info = parse_json(header.get(PIECE_KEY, ""), path, "the resume state", "convert again without --resume")
+    return read_file_tensors(path), info
 
 
 # ------------------------------------------------------------------ the header
@@ -175,9 +297,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 
 
 def _check_write_order(tensors: dict[str, TensorEntry], path: Path) -> None:
-    """safetensors' writer (save_file, which factorport uses) stores the
-    tensors of one dtype in name order; two same-sized tensors whose offsets
-    were swapped tile the file as well, but would load each other's bytes."""
+    """factorport's writer stores tensors in name order (safetensors'
+    `save_file`, which wrote version 1, stores those of one dtype in name
+    order: both pass); two same-sized tensors whose offsets were swapped tile
+    the file as well, but would load each other's bytes."""
     last: dict[str, str] = {}
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].offset, item[0])):
         if last.get(entry.dtype, "") > name:
@@ -190,7 +313,63 @@ def read_metadata(directory: Path) -> dict:
     return _read_layout(Path(directory))[1]
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The files holding a directory's tensors: model.safetensors, or its shards."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    if (directory / INDEX).is_file():
+        return sorted({directory / f for f in _read_index(directory)[0].values()})
+    raise FactorportError(f"{directory} has no {WEIGHTS} or {INDEX}; point at a factorport safetensors directory")
+
+
+def _read_index(directory: Path) -> tuple[dict[str, str], dict]:
+    """(weight_map, index metadata) of a sharded directory, checked: shard
+    names of the form model-0000N-of-0000M.safetensors, all M of them present."""
+    path = directory / INDEX
+    index = read_json_file(path)
+    weight_map, metadata = index.get("weight_map"), index.get("metadata")
+    if not isinstance(weight_map, dict) or not weight_map or not isinstance(metadata, dict):
+        raise FactorportError(f"{path}: expected a weight_map of tensor -> shard and a metadata object; re-export it")
+    shards = set(weight_map.values())
+    counts = set()
+    for shard in shards:
+        match = SHARD.fullmatch(shard) if isinstance(shard, str) else None
+        if match is None:
+            raise FactorportError(f"{path}: {str(shard)[:60]!r} is not a shard name model-0000N-of-0000M.safetensors; re-export it")
+        counts.add(int(match.group(2)))
+    expected = {f"model-{i:05d}-of-{c:05d}.safetensors" for c in counts for i in range(1, c + 1)}
+    if len(counts) != 1 or shards != expected:
+        raise FactorportError(f"{path}: the weight_map names {len(shards)} shards that are not model-00001..-of-{max(counts):05d}; re-export it")
+    for shard in sorted(shards):
+        if not (directory / shard).is_file():
+            raise FactorportError(f"{directory / shard} is missing; the artifact is incomplete, re-export it")
+    return weight_map, metadata
+
+
 def _read_layout(directory: Path) -> tuple[dict[str, TensorEntry], dict]:
+    if (directory / WEIGHTS).is_file() or not (directory / INDEX).is_file():
+        return _read_single_layout(directory)
+    weight_map, metadata = _read_index(directory)
+    tensors: dict[str, TensorEntry] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = directory / shard
+        held, _ = read_header(path)
+        _check_write_order(held, path)
+        for name, entry in held.items():
+            if weight_map.get(name) != shard:
+                raise FactorportError(f"{path} holds {name!r}, which {INDEX} does not map to it; re-export it")
+            tensors[name] = entry
+    if len(tensors) != len(weight_map):
+        missing = next(n for n in weight_map if n not in tensors)
+        raise FactorportError(f"{directory / INDEX} maps {missing!r} to {weight_map[missing]}, which does not hold it; re-export it")
+    meta = metadata.get(METADATA_KEY)
+    if not isinstance(meta, dict):
+        raise FactorportError(f"{directory / INDEX} carries no factorport layout; it is a plain model, load it with transformers")
+    return tensors, meta
+
+
+def _read_single_layout(directory: Path) -> tuple[dict[str, TensorEntry], dict]:
     path = directory / WEIGHTS
     if not path.is_file():
         raise FactorportError(f"{directory} has no {WEIGHTS}; point at a factorport safetensors directory")
@@ -208,7 +387,8 @@ def find_artifact(path: str | Path) -> Path | None:
     """The safetensors directory of a factorport output (or `path` itself), or None."""
     path = Path(path)
     for candidate in (path / SUBDIR, path):
-        if (candidate / WEIGHTS).is_file() and (candidate / CONFIG).is_file():
+        stored = (candidate / WEIGHTS).is_file() or (candidate / INDEX).is_file()
+        if stored and (candidate / CONFIG).is_file():
             try:
                 read_metadata(candidate)
             except FactorportError as exc:
@@ -219,14 +399,21 @@ def find_artifact(path: str | Path) -> Path | None:
     return None
 
 
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS
+def read_file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (its header checked first)."""
     read_header(path)  # safetensors maps the file by its header: check the header first
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FactorportError(f"{path} is truncated or corrupted ({exc}); re-export it") from exc
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in weight_files(Path(directory)):
+        tensors.update(read_file_tensors(path))
+    return tensors
 
 
 # ------------------------------------------------------------------ config.json
@@ -313,7 +500,7 @@ def check_config(config: dict, meta: dict, tensors: dict[str, TensorEntry], sour
 # ------------------------------------------------------------------ the skeleton
 
 
-def _no_init_weights():
+def no_init_weights():
     try:
         from transformers.modeling_utils import no_init_weights
     except ImportError:  # pragma: no cover - older/newer transformers
@@ -332,7 +519,7 @@ def _skeleton(directory: Path, meta: dict, tensors: dict[str, TensorEntry], sour
     check_config(read_json_file(directory / CONFIG, where=config_source), meta, tensors, config_source)
     try:
         config = AutoConfig.from_pretrained(directory)
-        with torch.device("meta"), _no_init_weights():
+        with torch.device("meta"), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # what transformers raises on a config it cannot build (AssertionError: nn.Embedding's padding_idx check)
     except (ValueError, TypeError, KeyError, AttributeError, OSError, AssertionError, OverflowError) as exc:
@@ -341,19 +528,24 @@ def _skeleton(directory: Path, meta: dict, tensors: dict[str, TensorEntry], sour
     return model
 
 
-def materialize(model, source: str) -> None:
+def compute_buffers(model, source: str) -> None:
     """Compute the buffers a checkpoint does not store (rotary inv_freq), on
-    the CPU, by building those modules again from the config; refuse a model
-    that still has a meta tensor (it would fail at the first forward)."""
+    the CPU, by building those modules again from the config."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             parent, _, leaf = name.rpartition(".")
             try:
-                with _no_init_weights():
+                with no_init_weights():
                     fresh = type(module)(config=model.config)
             except (TypeError, ValueError, KeyError) as exc:  # a module this transformers builds otherwise
                 raise FactorportError(f"{source}: cannot compute {name} of this config ({str(exc)[:80]}); re-export it") from None
             setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+
+
+def materialize(model, source: str) -> None:
+    """`compute_buffers`, then refuse a model that still has a meta tensor
+    (it would fail at the first forward)."""
+    compute_buffers(model, source)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise FactorportError(f"{source}: tensor '{left[0]}' is missing from the file; re-export it")

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FactorportError
-from .safetensors_dir import WEIGHTS, find_artifact, read_header, verify
+from .safetensors_dir import find_artifact, read_header, verify, weight_files
 
 
 def tensor_bytes(directory: Path) -> dict[str, int]:
-    """{tensor: bytes} from the (checked) header of `directory`'s model.safetensors."""
-    tensors, _ = read_header(Path(directory) / WEIGHTS)
-    return {name: entry.nbytes for name, entry in tensors.items()}
+    """{tensor: bytes} from the (checked) headers of `directory`'s safetensors files."""
+    sizes = {}
+    for path in weight_files(Path(directory)):
+        sizes.update({name: entry.nbytes for name, entry in read_header(path)[0].items()})
+    return sizes
 
 
 def _operator(entry: dict) -> tuple[str, int | None, int | None, float | None]:
@@ -76,7 +78,7 @@ def inspect_artifact(path: str | Path) -> dict:
             "compressed_bytes": sum(sizes[t] for t in compressed),
             "other_bytes": total - sum(sizes[t] for t in compressed),
             "total_bytes": total,
-            "file_bytes": (directory / WEIGHTS).stat().st_size,
+            "file_bytes": sum(p.stat().st_size for p in weight_files(directory)),
         },
     }
 

@@ -110,7 +110,7 @@ class Planner:
             self._weight(f"{stem}.weight", module, order, allow_lora=True)
             if module.bias is not None:
                 self._float(f"{stem}.bias", module.bias, order)
-        self._float(OUTPUT_NORM, self.model.get_submodule(self.arch.layers.rpartition(".")[0] + ".norm").weight)
+        self._float(OUTPUT_NORM, self.model.get_submodule(self.arch.norm).weight)
         if not tied:
             self._weight(OUTPUT, head, None, allow_lora=False)
         self._quantize_pending()

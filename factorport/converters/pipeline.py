@@ -1,0 +1,255 @@
+"""The layer-by-layer conversion (GPTQ's reference script, llm-compressor's
+sequential pipeline): memory bounded by one decoder layer.
+
+The calibration sequences' hidden states enter layer 0. For each decoder
+layer in turn the driver
+
+1. reads that layer's weights from the source (float32, on the device) — the
+   only float32 copy of a decoder layer that exists;
+2. runs the sequences through it, collecting XᵀX of its linears' inputs;
+3. runs every recipe step on that layer alone (`targets.scope`);
+4. runs the sequences through the layer again, now compressed, to give the
+   next layer its inputs (`mode: sequential`: each layer is fitted to what the
+   compressed layers before it produce), or keeps the uncompressed outputs of
+   step 2 (`mode: parallel`: every layer's statistics from the dense model);
+5. hands the layer to the caller (which writes it) and frees it.
+
+The output projection comes last, with the final norm's output as its input.
+The driver writes nothing; `convert_layers` yields one `Piece` per layer and
+the caller decides where it goes (and can stop and `resume` at any layer).
+
+Steps that need every layer at once (`whole_model_reason`) are not run
+here; `api.convert` runs them on the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..architectures import arch_for
+from ..errors import FactorportError
+from . import apply
+from .calibration import MODES, GramCollector
+from .report import LayerReport
+from .targets import compressible_linears, scope
+
+
+@dataclass
+class Piece:
+    """One finished part of the model: a decoder layer (`index` >= 0) or the
+    rest (`index` == -1: embedding, final norm, output projection). Its
+    modules are in `model` until the caller asks for the next piece."""
+
+    index: int
+    prefix: str  # module path of the layer, "" for the rest
+    linears: list[str]  # the compressible linears it holds
+    reports: list[LayerReport]
+    hidden: torch.Tensor | None  # (sequences, tokens, hidden) entering the next layer; None after the last
+    seconds: float = 0.0
+
+
+@dataclass
+class Resume:
+    """Where an interrupted conversion continues: the layer, and the hidden states entering it."""
+
+    layer: int
+    hidden: torch.Tensor | None
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0 to capture what the decoder passes it."""
+
+    def forward(self, hidden, **kwargs):
+        raise _Captured(hidden, kwargs)
+
+
+@dataclass
+class LayerDriver:
+    model: nn.Module  # the skeleton: layers on the meta device until they are read
+    source: object  # a loading.WeightSource
+    steps: list
+    mode: str = "sequential"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise FactorportError(f"calibration mode '{self.mode}' is not one of {', '.join(MODES)}")
+        self.arch = arch_for(self.model.config)
+        self.layers = self.model.get_submodule(self.arch.layers)
+        self._load_embedding()
+        self._kwargs: dict | None = None
+
+    # ----------------------------------------------------------- the source
+
+    def _read(self, module: nn.Module, prefix: str, dtype: torch.dtype | None = torch.float32) -> None:
+        """Give a meta-device module its source tensors (float32, on the device)."""
+        names = list(module.state_dict().keys())
+        tensors = {n: self.source.tensor(f"{prefix}.{n}", dtype).to(self.device) for n in names}
+        module.load_state_dict(tensors, strict=True, assign=True)
+
+    def _load_embedding(self) -> None:
+        # as stored until the output projection's turn: an 8B model's table
+        # is 1 GB in bfloat16 and 2 GB in float32
+        self._read(self.model.get_submodule(self.arch.embed), self.arch.embed, dtype=None)
+        self._read(self.model.get_submodule(self.arch.norm), self.arch.norm)
+        decoder = self.model.get_submodule(self.arch.decoder)
+        decoder.get_submodule(self.arch.rotary).to(self.device)  # its tables, computed from the config
+
+    def _load_head(self) -> None:
+        embedding = self.model.get_submodule(self.arch.embed)
+        embedding.weight = nn.Parameter(embedding.weight.float(), requires_grad=False)
+        head = self.model.get_submodule(self.arch.lm_head)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            head.weight = self.model.get_submodule(self.arch.embed).weight  # one table for both
+        else:
+            self._read(head, self.arch.lm_head)
+
+    # ---------------------------------------------------------- activations
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        """The hidden states entering layer 0, (sequences, tokens, hidden)."""
+        out = []
+        first = self.layers[0]
+        self.layers[0] = _Catcher()
+        decoder = self.model.get_submodule(self.arch.decoder)
+        try:
+            embedding = self.model.get_submodule(self.arch.embed)
+            for seq in sequences:
+                try:  # float32 from the start (a bfloat16 table would give bfloat16 rotary tables)
+                    decoder(inputs_embeds=embedding(seq.to(self.device)).float(), use_cache=False)
+                except _Captured as captured:
+                    hidden, self._kwargs = captured.args
+                    out.append(hidden[0])
+                else:  # pragma: no cover - a decoder that does not call its layers
+                    raise FactorportError("the decoder did not call its first layer; this architecture needs its own driver")
+        finally:
+            self.layers[0] = first
+        return torch.stack(out)
+
+    def _layer_kwargs(self, length: int) -> dict:
+        if self._kwargs is None:  # resumed: capture them from one dummy sequence
+            self.embed([torch.zeros(1, length, dtype=torch.long)])
+        return self._kwargs
+
+    @torch.inference_mode()
+    def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None) -> torch.Tensor:
+        kwargs = self._layer_kwargs(hidden.shape[1])
+        out = torch.empty_like(hidden)
+        for i in range(hidden.shape[0]):
+            if collector is not None:
+                collector.sequence = i
+            result = layer(hidden[i : i + 1], **kwargs)
+            out[i] = (result[0] if isinstance(result, tuple) else result)[0]
+        return out
+
+    # --------------------------------------------------------------- steps
+
+    def _compress(self, names: list[str], stats, owner: nn.Module) -> list[LayerReport]:
+        """The recipe's steps on `names` (inside `owner`) alone. They run on the
+        CPU: their kernels (GPTQ's sweep, the SVDs) are tested there only; the
+        forward passes around them use the device, and `owner` goes back to it."""
+        if self.device.type != "cpu":
+            owner.to("cpu")
+            if stats is not None:
+                cpu = lambda tensors: {k: v.cpu() for k, v in tensors.items()}  # noqa: E731
+                stats = dataclasses.replace(stats, grams=cpu(stats.grams), first_tokens=cpu(stats.first_tokens))
+        with scope(names):
+            reports = apply(self.model, self.steps, stats, progress=False)
+        if self.device.type != "cpu":
+            owner.to(self.device)
+        return reports
+
+    def layer(self, index: int, hidden: torch.Tensor | None, calibration: str) -> Piece:
+        """Read, calibrate, compress and (with calibration) run decoder layer `index`."""
+        started = time.perf_counter()
+        prefix = f"{self.arch.layers}.{index}"
+        layer = self.layers[index]
+        self._read(layer, prefix)
+        names = [f"{prefix}.{rel}" for rel in self.arch.linears]
+        if hidden is None:  # a recipe without calibration: nothing runs through the model
+            return Piece(index, prefix, names, self._compress(names, None, layer), None, time.perf_counter() - started)
+        collector = GramCollector(self.model, names, hidden.shape[0], self.device)
+        dense_out = self._forward(layer, hidden, collector)
+        stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
+        del collector
+        reports = self._compress(names, stats, layer)
+        compressed = self.layers[index]  # the steps replaced its linears in place
+        hidden = self._forward(compressed, hidden) if self.mode == "sequential" else dense_out
+        return Piece(index, prefix, names, reports, hidden, time.perf_counter() - started)
+
+    def head(self, hidden: torch.Tensor | None, calibration: str) -> Piece:
+        """Embedding, final norm and output projection: compressed when a step targets the lm_head."""
+        started = time.perf_counter()
+        self._load_head()
+        name = self.arch.lm_head
+        reports = []
+        with scope([name]):
+            targeted = any(compressible_linears(self.model, cfg.targets) for _, cfg in self.steps)
+        if targeted and hidden is None:
+            reports = self._compress([name], None, self.model.get_submodule(name))
+        elif targeted:
+            collector = GramCollector(self.model, [name], hidden.shape[0], self.device)
+            norm = self.model.get_submodule(self.arch.norm)
+            with torch.inference_mode():
+                for i in range(hidden.shape[0]):
+                    collector.sequence = i
+                    collector.add(name, norm(hidden[i : i + 1]))
+            stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
+            reports = self._compress([name], stats, self.model.get_submodule(name))
+        return Piece(-1, "", [name], reports, None, time.perf_counter() - started)
+
+    def release(self, piece: Piece) -> None:
+        """Free a written layer: its modules stay as meta-device shapes."""
+        if piece.index >= 0:
+            self.layers[piece.index] = self.layers[piece.index].to("meta")
+
+
+def convert_layers(
+    model,
+    source,
+    steps,
+    sequences: list[torch.Tensor],
+    calibration: str,
+    mode: str = "sequential",
+    device: str | torch.device = "cpu",
+    resume: Resume | None = None,
+    progress: bool = True,
+) -> Iterator[Piece]:
+    """Compress `model` (a meta-device skeleton of `source`) layer by layer,
+    yielding each finished `Piece`; the caller writes it before the next."""
+    driver = LayerDriver(model, source, steps, mode, torch.device(device))
+    start = 0
+    if resume is not None:
+        start, hidden = resume.layer, None if resume.hidden is None else resume.hidden.to(driver.device)
+    else:
+        hidden = driver.embed(sequences) if sequences else None
+    count = len(driver.layers)
+    bar = tqdm(total=count + 1, initial=start, desc="convert", unit="layer", disable=not progress)
+    try:
+        for index in range(start, count):
+            bar.set_postfix_str(f"layer {index}: {'/'.join(name for name, _ in steps)}")
+            piece = driver.layer(index, hidden, calibration)
+            hidden = piece.hidden
+            yield piece
+            driver.release(piece)
+            bar.update()
+        bar.set_postfix_str("output projection")
+        yield driver.head(hidden, calibration)
+        bar.update()
+    finally:
+        bar.close()
+
+
+__all__ = ["Piece", "Resume", "convert_layers"]

@@ -1,0 +1,157 @@
+"""The layer-by-layer conversion on tiny random Llamas: one decoder layer in
+float32 at a time, sequential differs from parallel, parallel equals the
+whole-model statistics, sharded output, and a killed run resumed bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import factorport
+from factorport.converters import apply
+from factorport.converters.calibration import collect, token_sequences
+from factorport.errors import FactorportError
+from factorport.formats import safetensors_dir
+from factorport.loading import SafetensorsSource, load_model
+from factorport.recipe import load_recipe
+from tiny_outputs import TEXT, tiny_source
+
+RECIPE = """name: tiny-gptq-glowq
+calibration: {samples: 4, seq_len: 64}
+steps:
+  - quantize: {targets: [linears], method: gptq, bits: 4, group_size: 32, symmetric: true}
+  - correct: {targets: [linears], shared: true, ranks: {rank: 8}}
+  - quantize: {targets: [lm_head], method: rtn, bits: 8, group_size: 32, symmetric: true}
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return tiny_source(tmp_path_factory.mktemp("pipeline") / "source", layers=4)
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def stored(out: Path) -> dict[str, torch.Tensor]:
+    return safetensors_dir.read_tensors(out / "safetensors")
+
+
+def test_one_decoder_layer_in_float32_at_a_time(source, recipe, tmp_path, monkeypatch):
+    """Every source tensor of a decoder layer is tracked by its storage; when a
+    layer's weights are read, no other layer's may still be alive."""
+    alive: dict[int, list[weakref.ref]] = {}
+    peak = {"layers": 0}
+    read = SafetensorsSource.tensor
+
+    def tracked(self, name, dtype=torch.float32):
+        tensor = read(self, name, dtype)
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            living = {i for i, refs in alive.items() if any(r() is not None for r in refs)}
+            peak["layers"] = max(peak["layers"], len(living | {layer}))
+            assert living <= {layer}, f"reading layer {layer} while layers {sorted(living)} are still in memory"
+            assert tensor.dtype == torch.float32
+            alive.setdefault(layer, []).append(weakref.ref(tensor.untyped_storage()))
+        return tensor
+
+    monkeypatch.setattr(SafetensorsSource, "tensor", tracked)
+    factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", progress=False)
+    assert sorted(alive) == [0, 1, 2, 3] and peak["layers"] == 1
+
+
+def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(source, recipe, tmp_path):
+    seq = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "seq", progress=False))
+    par = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "par", mode="parallel", progress=False))
+    assert seq.keys() == par.keys()
+    first = "model.layers.0.self_attn.q_proj.base.codes"  # layer 0 sees the same inputs either way
+    assert torch.equal(seq[first], par[first])
+    assert not torch.equal(seq["model.layers.3.mlp.down_proj.base.codes"], par["model.layers.3.mlp.down_proj.base.codes"])
+
+    # parallel == statistics of the whole uncompressed model in one pass (the old convert)
+    model, tokenizer, _ = load_model(str(source))
+    sequences = token_sequences(tokenizer, str(TEXT.parent / "wiki.valid.tokens"), 4, 64)
+    apply(model, load_recipe(str(recipe)).steps, collect(model, sequences, progress=False), progress=False)
+    whole = safetensors_dir.state_tensors(model)
+    assert whole.keys() == par.keys()
+    for name, tensor in par.items():
+        torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
+
+
+def test_sharded_output_loads_like_one_file(source, recipe, tmp_path):
+    one = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "one", progress=False)
+    sharded = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "sharded", max_shard_bytes=1, progress=False)
+    files = sorted(p.name for p in (sharded / "safetensors").glob("*.safetensors"))
+    assert files == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]  # four layers + the rest
+    assert not (sharded / "safetensors" / "model.safetensors").exists()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    a, _ = factorport.load(one)
+    b, _ = factorport.load(sharded)
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert stored(one).keys() == stored(sharded).keys()
+
+
+def test_a_shard_missing_from_the_index_is_refused(source, recipe, tmp_path):
+    out = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", max_shard_bytes=1, progress=False)
+    (out / "safetensors" / "model-00003-of-00005.safetensors").unlink()
+    with pytest.raises(FactorportError, match="model-00003-of-00005.safetensors is missing"):
+        safetensors_dir.load(out / "safetensors")
+
+
+KILLED = """
+import os, signal, sys
+import factorport
+def die(layer):
+    if layer == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+factorport.convert(sys.argv[1], recipe=sys.argv[2], output=sys.argv[3], progress=False, on_layer=die)
+"""
+
+
+def test_resume_after_kill_is_bit_identical(source, recipe, tmp_path):
+    whole = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "whole", progress=False)
+    out = tmp_path / "resumed"
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED), str(source), str(recipe), str(out)], env=os.environ)
+    assert run.returncode == -signal.SIGKILL
+    partial = tmp_path / ".resumed.partial"
+    assert not out.exists() and partial.is_dir()
+    assert sorted(p.name for p in (partial / "pieces").iterdir()) == ["layer-00000.safetensors", "layer-00001.safetensors"]
+
+    with pytest.raises(FactorportError, match="different settings"):
+        factorport.convert(str(source), recipe=str(recipe), output=out, progress=False, resume=True, mode="parallel")
+    factorport.convert(str(source), recipe=str(recipe), output=out, progress=False, resume=True)
+    assert not partial.exists()
+    a, b = stored(whole), stored(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    names = lambda o: [r["name"] for r in json.loads((o / "report" / "convert.json").read_text())["layers"]]  # noqa: E731
+    assert names(out) == names(whole)
+
+
+def test_resume_without_a_partial_run_is_refused(source, recipe, tmp_path):
+    with pytest.raises(FactorportError, match="nothing to resume"):
+        factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", progress=False, resume=True)
+
+
+def test_a_failed_layer_keeps_the_finished_ones_for_resume(source, recipe, tmp_path):
+    def fail(layer):
+        if layer == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", progress=False, on_layer=fail)
+    assert not (tmp_path / "out").exists()
+    assert len(list((tmp_path / ".out.partial" / "pieces").iterdir())) == 3
