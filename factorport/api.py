@@ -232,17 +232,23 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         name = f"layer-{piece.index:05d}" if piece.index >= 0 else "rest"
         owner = skeleton.get_submodule(piece.prefix) if piece.prefix else skeleton
         fragment = describe_linears(skeleton, piece.linears)
-        safetensors_dir.write_piece(tmp, name, safetensors_dir.stored_tensors(owner, piece.prefix), fragment, [r.to_dict() for r in piece.reports])
+        tensors = safetensors_dir.stored_tensors(owner, piece.prefix)
+        safetensors_dir.write_piece(tmp, name, tensors, fragment, [r.to_dict() for r in piece.reports], piece.seconds)
+        del tensors  # the layer's memory goes when the driver releases it, before it reads the next
         if piece.index >= 0:
             hidden = {} if piece.hidden is None else {"hidden": piece.hidden}
             safetensors_dir.save_state(tmp / STATE, hidden, {"next_layer": piece.index + 1})
             if on_layer is not None:
                 on_layer(piece.index)
-    reports = [row for path in safetensors_dir.piece_files(tmp) for row in safetensors_dir.piece_info(path)["reports"]]
+    infos = [safetensors_dir.piece_info(path) for path in safetensors_dir.piece_files(tmp)]
     (tmp / SAFETENSORS).mkdir()
     tied = isinstance(skeleton.get_input_embeddings(), TiedEmbedding)
     safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, max_shard_bytes)
-    return {"calibration": _calibration_summary(calibration, sequences, time.perf_counter() - calib_started, calibration.mode if calibration else ""), "layers": reports}
+    return {
+        "calibration": _calibration_summary(calibration, sequences, time.perf_counter() - calib_started, calibration.mode if calibration else ""),
+        "layer_seconds": [i["seconds"] for i in infos[:-1]],  # per decoder layer, this run or the one resumed
+        "layers": [row for i in infos for row in i["reports"]],
+    }
 
 
 def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:

@@ -153,10 +153,12 @@ def stored_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {lead + k: v for k, v in _unique(real).items()}
 
 
-def write_piece(staging: Path, name: str, tensors: dict[str, torch.Tensor], fragment: tuple[dict, dict], reports: list[dict]) -> None:
+def write_piece(
+    staging: Path, name: str, tensors: dict[str, torch.Tensor], fragment: tuple[dict, dict], reports: list[dict], seconds: float
+) -> None:
     """One finished part of a layer-by-layer conversion, in `staging/pieces`."""
     (staging / PIECES).mkdir(exist_ok=True)
-    info = {"linears": fragment[0], "shared": fragment[1], "reports": reports}
+    info = {"linears": fragment[0], "shared": fragment[1], "reports": reports, "seconds": round(seconds, 3)}
     write_file(staging / PIECES / f"{name}.safetensors", tensors, {"format": "pt", PIECE_KEY: json.dumps(info)})
 
 
@@ -167,7 +169,7 @@ def piece_files(staging: Path) -> list[Path]:
 def piece_info(path: Path) -> dict:
     _, header = read_header(path)
     info = parse_json(header.get(PIECE_KEY, ""), path, "the piece record", "convert again without --resume")
-    if not isinstance(info, dict) or set(info) != {"linears", "shared", "reports"}:
+    if not isinstance(info, dict) or set(info) != {"linears", "shared", "reports", "seconds"}:
         raise FactorportError(f"{path}: not a piece of a factorport conversion; convert again without --resume")
     return info
 
