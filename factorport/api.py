@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,33 +36,11 @@ from .formats.safetensors_dir import find_artifact, save_side_files
 from .loading import load_model, open_source
 from .ops import TiedEmbedding
 from .recipe import Recipe, load_recipe
-from .staging import STATE, finished, refuse_existing, resumable_output
+from .staging import STATE, finished, refuse_existing, resumable_output, staged_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
 DEFAULT_TEXT = SHARED_DATA / "wiki.test.raw"
-
-
-@contextmanager
-def staged_output(output: Path, force: bool):
-    """Yield a temporary directory beside `output`; on success it becomes
-    `output` (replacing an old one only with `force`); on failure it is removed,
-    so no partial output is ever left."""
-    output = Path(output)
-    refuse_existing(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield tmp
-        if output.exists():
-            trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, trash)
-            os.replace(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(

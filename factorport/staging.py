@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,6 +61,27 @@ def resumable_output(output: Path, force: bool, settings: dict, resume: bool, pr
             print(f"factorport: conversion stopped; {staging} is kept, and the same command with --resume continues it")
         raise
     finished(staging)
+    _move_into_place(staging, output)
+
+
+@contextmanager
+def staged_output(output: Path, force: bool):
+    """Yield a temporary directory beside `output`; on success it becomes
+    `output` (replacing an old one only with `force`); on failure it is removed,
+    so no partial output is ever left (for exports: nothing to resume)."""
+    output = Path(output)
+    refuse_existing(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield tmp
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename `staging` to `output`, an existing `output` moved aside first and then removed."""
     if output.exists():
         trash = output.with_name(f".{output.name}.old-{os.getpid()}")
         os.replace(output, trash)
