@@ -1,8 +1,11 @@
-"""Convert the embedded SmolLM2-135M with every preset and print, per preset:
-convert seconds (calibration included), linear-layer parameters and bytes
-against the dense model, and perplexity on WikiText-2 test next to dense.
+"""Convert the embedded SmolLM2-135M with every preset, in each calibration
+mode (sequential: each layer fitted to what the compressed layers before it
+produce; parallel: every layer's statistics from the dense model), and print,
+per preset: linear-layer parameters and bytes against the dense model,
+perplexity on WikiText-2 test per mode next to dense, and convert seconds.
+A recipe that needs the whole model at once runs once ("whole model").
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/presets.py [--presets a,b] [--windows 40]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/presets.py [--presets a,b] [--modes sequential,parallel] [--windows 40]
 
 Calibration: WikiText-2 validation (tokenized release), 128 x 512 tokens by
 default; perplexity: the first N windows of 512 tokens of wiki.test.raw.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,62 +24,77 @@ import factorport
 from factorport.formats.summary import inspect_artifact
 from factorport.recipe import presets
 
-ORDER = ["svd-90", "svd-90-uniform", "svd-90-plain", "w4-rtn", "w4-gptq", "w8-rtn"]
+ORDER = ["svd-90", "svd-90-uniform", "svd-90-plain", "w4-rtn", "w4-gptq", "w8-rtn", "glowq-w4", "eora-w4"]
+MODES = ("sequential", "parallel")
+
+
+def convert_and_score(name: str, mode: str, out: Path, args, dense_linear_params: int) -> dict:
+    started = time.perf_counter()
+    factorport.convert(None, recipe=name, output=out, samples=args.calib_samples, mode=mode, progress=False)
+    seconds = time.perf_counter() - started
+    summary = inspect_artifact(out)
+    report = json.loads((out / "report" / "convert.json").read_text())
+    # parameters of the decoder linears after conversion (dense ones unchanged)
+    changed = {r["name"]: r for r in report["layers"] if r["name"] != "lm_head"}
+    after = dense_linear_params - sum(r["params_before"] - r["params_after"] for r in changed.values())
+    model, tok = factorport.load(out)
+    ppl = factorport.perplexity(model, tok, windows=args.windows, progress=False)
+    calibration = report["calibration"] or {}
+    print(f"{name} ({calibration.get('mode', mode)}): {seconds:.1f} s, ppl {ppl:.3f}", flush=True)
+    return {
+        "convert_s": round(seconds, 1),
+        "mode": calibration.get("mode"),
+        "linear_params_ratio": after / dense_linear_params,
+        "bytes": summary["totals"]["total_bytes"],
+        "ppl": ppl,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default=",".join(p for p in ORDER if p in presets()))
+    parser.add_argument("--modes", default=",".join(MODES), help="calibration modes to run each preset in")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args()
+    modes = args.modes.split(",")
 
     dense_model, tokenizer = factorport.api.load_any(None)
-    dense_ppl = factorport.perplexity(dense_model, tokenizer, windows=args.windows)
+    dense_ppl = factorport.perplexity(dense_model, tokenizer, windows=args.windows, progress=False)
     arch_linears = [
         m for n, m in dense_model.named_modules() if n.startswith("model.layers.") and hasattr(m, "weight") and m.weight.dim() == 2
     ]
     dense_linear_params = sum(m.weight.numel() for m in arch_linears)
     del dense_model
 
-    rows = [{"preset": "dense (fp32)", "convert_s": 0.0, "linear_params_ratio": 1.0, "bytes": None, "ppl": dense_ppl}]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets.split(","):
-            out = Path(tmp) / name
-            started = time.perf_counter()
-            factorport.convert(None, recipe=name, output=out, samples=args.calib_samples)
-            seconds = time.perf_counter() - started
-            summary = inspect_artifact(out)
-            report = json.loads((out / "report" / "convert.json").read_text())
-            # parameters of the decoder linears after conversion (dense ones unchanged)
-            changed = {r["name"]: r for r in report["layers"] if r["name"] != "lm_head"}
-            after = dense_linear_params - sum(r["params_before"] - r["params_after"] for r in changed.values())
-            model, tok = factorport.load(out)
-            ppl = factorport.perplexity(model, tok, windows=args.windows)
-            rows.append(
-                {
-                    "preset": name,
-                    "convert_s": round(seconds, 1),
-                    "calib_s": (report["calibration"] or {}).get("seconds"),
-                    "linear_params_ratio": after / dense_linear_params,
-                    "bytes": summary["totals"]["total_bytes"],
-                    "ppl": ppl,
-                }
-            )
-            print(f"{name}: {seconds:.1f} s, ppl {ppl:.3f}", flush=True)
+            row = {"preset": name, "modes": {}}
+            for mode in modes:
+                result = convert_and_score(name, mode, Path(tmp) / f"{name}-{mode}", args, dense_linear_params)
+                row["modes"][mode] = result
+                shutil.rmtree(Path(tmp) / f"{name}-{mode}")
+                if result["mode"] and result["mode"] not in MODES:  # a whole-model recipe: one mode only
+                    break
+            rows.append(row)
 
-    print()
-    print(f"{'preset':<16} {'convert s':>9} {'calib s':>8} {'linear params':>13} {'tensor MB':>9} {'ppl':>8} {'x dense':>8}")
+    print(f"\ndense (fp32): perplexity {dense_ppl:.3f} ({args.windows} windows of 512 tokens of wiki.test.raw)")
+    print(f"calibration {args.calib_samples} x 512 of wiki.valid.tokens; perplexity (x dense) per calibration mode\n")
+    header = "".join(f" {mode:>20}" for mode in modes)
+    print(f"{'preset':<16} {'linear params':>13} {'tensor MB':>9}{header} {'convert s':>10}")
     for r in rows:
-        size = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.1f}"
-        calib = r.get("calib_s")
-        print(
-            f"{r['preset']:<16} {r['convert_s']:>9.1f} {('-' if calib is None else f'{calib:.1f}'):>8} "
-            f"{r['linear_params_ratio']:>12.1%} {size:>9} {r['ppl']:>8.3f} {r['ppl'] / dense_ppl:>7.2f}x"
-        )
+        first = next(iter(r["modes"].values()))
+        cells = ""
+        for mode in modes:
+            m = r["modes"].get(mode)
+            cell = "(whole model)" if m is None else f"{m['ppl']:.3f} ({m['ppl'] / dense_ppl:.3f}x)"
+            cells += f" {cell:>20}"
+        seconds = "/".join(f"{m['convert_s']:.0f}" for m in r["modes"].values())
+        print(f"{r['preset']:<16} {first['linear_params_ratio']:>12.1%} {first['bytes'] / 1e6:>9.1f}{cells} {seconds:>10}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

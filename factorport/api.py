@@ -188,7 +188,6 @@ def _convert_whole(weights, skeleton, recipe, calibration, sequences, tmp: Path,
 def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Path, device, progress: bool, resume: bool, max_shard_bytes: int, on_layer) -> dict:
     """Layer by layer: each finished layer is a piece in `tmp` (and the hidden
     states after it, for a resume), assembled into OUTPUT/safetensors at the end."""
-    calib_started = time.perf_counter()
     described = describe_source(calibration, sequences) if calibration else ""
     state = None
     if resume and (tmp / STATE).is_file():
@@ -207,7 +206,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         owner = skeleton.get_submodule(piece.prefix) if piece.prefix else skeleton
         fragment = describe_linears(skeleton, piece.linears)
         tensors = safetensors_dir.stored_tensors(owner, piece.prefix)
-        safetensors_dir.write_piece(tmp, name, tensors, fragment, [r.to_dict() for r in piece.reports], piece.seconds)
+        safetensors_dir.write_piece(tmp, name, tensors, fragment, [r.to_dict() for r in piece.reports], piece.seconds, piece.calibration_seconds)
         del tensors  # the layer's memory goes when the driver releases it, before it reads the next
         if piece.index >= 0:
             hidden = {} if piece.hidden is None else {"hidden": piece.hidden}
@@ -219,7 +218,8 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
     tied = isinstance(skeleton.get_input_embeddings(), TiedEmbedding)
     safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, max_shard_bytes)
     return {
-        "calibration": _calibration_summary(calibration, sequences, time.perf_counter() - calib_started, calibration.mode if calibration else ""),
+        # calibration seconds: the forward passes and XᵀX inside the layer loop
+        "calibration": _calibration_summary(calibration, sequences, sum(i["calibration_seconds"] for i in infos), calibration.mode if calibration else ""),
         "layer_seconds": [i["seconds"] for i in infos[:-1]],  # per decoder layer, this run or the one resumed
         "layers": [row for i in infos for row in i["reports"]],
     }

@@ -9,8 +9,9 @@ For conversion the source is a `WeightSource`, read one tensor at a time:
 an HF directory's safetensors (one file or a sharded
 `model.safetensors.index.json`; float16, bfloat16 or float32) is opened per
 read, so no tensor stays mapped and none is converted to float32 before it
-is asked for. Other sources (a GGUF file, a hub id, a directory without
-safetensors) are loaded whole by transformers first (`ModelSource`).
+is asked for; a GGUF file's tensors are dequantized one at a time
+(`GGUFSource`). Other sources (a hub id, a directory without safetensors)
+are loaded whole by transformers first (`ModelSource`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def _load_gguf(path: Path):
         del model.config.quantization_config
     _fix_gguf_tokenizer(tokenizer, path)
     return model, tokenizer
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _fix_gguf_tokenizer(tokenizer, path)
+    return tokenizer
 
 
 def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
@@ -194,6 +203,51 @@ class SafetensorsSource:
             raise FactorportError(f"{self.file_of[name]} is truncated or corrupted ({str(exc)[:80]}); re-download the model") from None
 
 
+class GGUFSource:
+    """A GGUF file's tensors, each dequantized by gguf's reader when asked for,
+    under transformers' names and layout: its GGUF name map and its
+    per-architecture tensor processors (llama's q/k row permutation undone),
+    so a tensor equals what transformers' whole-file loader gives."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint
+
+        from .formats.gguf.checks import open_gguf
+
+        self.path = Path(path)
+        open_gguf(self.path)  # bounded structural check before gguf's reader trusts its counts
+        self.config = _config(str(self.path.parent), gguf_file=self.path.name)
+        self._parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)  # the processors' config
+        architecture = self._parsed["config"].get("model_type")
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self._parsed["config"])
+        self._to_hf = get_gguf_hf_weights_map(skeleton(self.config))
+        self._reader = GGUFReader(self.path)  # memory-mapped
+        self._tensors = {self._to_hf[t.name]: t for t in self._reader.tensors if t.name in self._to_hf}
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The tensor `name`, dequantized: float32, or `dtype`."""
+        import mmap
+
+        import numpy as np
+        from gguf.quants import dequantize
+
+        if name not in self._tensors:
+            raise FactorportError(f"{self.path} has no tensor for {name}; the file does not match its own architecture")
+        entry = self._tensors[name]
+        result = self._processor.process(
+            weights=dequantize(entry.data, entry.tensor_type), name=entry.name, tensor_key_mapping=self._to_hf, parsed_parameters=self._parsed
+        )
+        tensor = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32).copy())
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)  # the file's pages read so far leave this process's resident memory
+        return tensor if dtype is None else tensor.to(dtype)
+
+
 class ModelSource:
     """The tensors of a model transformers has already loaded whole."""
 
@@ -254,6 +308,8 @@ def open_source(model: str | None = None):
         except (OSError, ValueError) as exc:
             raise FactorportError(f"could not load the tokenizer of {model}: {str(exc).splitlines()[0][:80]}") from exc
         return weights, tokenizer, source
+    if source.kind == "gguf":
+        return GGUFSource(path), _gguf_tokenizer(path), source
     hf_model, tokenizer, source = load_model(model)
     return ModelSource(hf_model), tokenizer, source
 

@@ -19,7 +19,7 @@ from factorport.converters import (
     calibrate,
     check,
 )
-from factorport.converters.quantize import clipped_group_params, gptq
+from factorport.converters.quantize import InverseHessian, clipped_group_params, gptq
 from factorport.converters.ranks import Candidate, RankPolicy, allocate
 from factorport.converters.report import model_params, module_params, output_error
 from factorport.errors import FactorportError
@@ -75,13 +75,13 @@ def test_calibrate_collects_gram_per_input_group(llama, byte_tokenizer, calib_te
     assert stats.xtx("model.layers.0.self_attn.k_proj") is stats.grams["model.layers.0.self_attn.q_proj"]
     assert all(stats.has(n) for n in LINEARS + ["lm_head"])
     for name in watch:
-        xs = captured[name]
-        assert len(xs) == 3
-        ref = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], dtype=torch.float64)
+        xs = torch.cat(captured[name])  # the sequences, however the forwards batched them
+        assert xs.shape[:2] == (3, 16)
+        ref = torch.zeros(xs.shape[-1], xs.shape[-1], dtype=torch.float64)
         sinks = torch.zeros_like(ref)
         for h in xs:
-            x = h.reshape(-1, h.shape[-1]).double()
-            sink = h[:, 0].double()
+            x = h.double()
+            sink = h[:1].double()
             ref += x.T @ x
             sinks += sink.T @ sink
         g = stats.grams[name]
@@ -384,7 +384,7 @@ def test_gptq_single_layer(spec):
     w = torch.randn(24, 128, generator=g)
     x = correlated_activations(512, 128, seed=5)
     xtx = x.T @ x
-    base = gptq(w, xtx.clone(), spec, damping=0.01, block_size=64)
+    base = gptq(w, InverseHessian.of(xtx.clone(), 0.01), spec, block_size=64)
     rtn = QuantizedBase.from_weight(w, spec)
     e_gptq = output_error(w, base.to_dense(), xtx)
     e_rtn = output_error(w, rtn.to_dense(), xtx)
@@ -416,8 +416,8 @@ def test_gptq_clip_search_lowers_output_error():
     x = correlated_activations(512, 128, seed=9)
     xtx = x.T @ x
     spec = QuantSpec(4, 64, True)
-    plain = output_error(w, gptq(w, xtx.clone(), spec, 0.01, 128).to_dense(), xtx)
-    clipped = output_error(w, gptq(w, xtx.clone(), spec, 0.01, 128, clip_search=True).to_dense(), xtx)
+    plain = output_error(w, gptq(w, InverseHessian.of(xtx.clone(), 0.01), spec, 128).to_dense(), xtx)
+    clipped = output_error(w, gptq(w, InverseHessian.of(xtx.clone(), 0.01), spec, 128, clip_search=True).to_dense(), xtx)
     assert clipped < plain
 
 
@@ -425,7 +425,7 @@ def test_gptq_with_identity_hessian_is_rtn():
     """With uncorrelated inputs there is no error to push: GPTQ's codes are RTN's."""
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(6))
     spec = QuantSpec(4, 32, False)
-    base = gptq(w, torch.eye(128, dtype=torch.float64), spec, damping=0.01, block_size=128)
+    base = gptq(w, InverseHessian.of(torch.eye(128), 0.01), spec, block_size=128)
     codes, scale, minimum = quantize_rtn(w, spec)
     assert torch.equal(base.codes, codes)
     assert torch.equal(base.scale, scale) and torch.equal(base.minimum, minimum)
@@ -435,7 +435,7 @@ def test_gptq_dead_channels():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(7))
     x = correlated_activations(256, 64, seed=8)
     x[:, 5] = 0
-    base = gptq(w, x.T @ x, QuantSpec(4, 32, True), damping=0.01, block_size=128)
+    base = gptq(w, InverseHessian.of(x.T @ x, 0.01), QuantSpec(4, 32, True), block_size=128)
     dense = base.to_dense()
     assert torch.isfinite(dense).all()
     assert (dense[:, 5] == 0).all()  # an input that is always zero gets weight zero

@@ -155,3 +155,20 @@ def test_a_failed_layer_keeps_the_finished_ones_for_resume(source, recipe, tmp_p
         factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", progress=False, on_layer=fail)
     assert not (tmp_path / "out").exists()
     assert len(list((tmp_path / ".out.partial" / "pieces").iterdir())) == 3
+
+
+def test_gguf_source_reads_what_transformers_loads_whole():
+    """The embedded Q4_1 GGUF read tensor by tensor equals transformers'
+    whole-file load (its fp32 cache), q/k permutation undone included."""
+    from factorport.loading import GGUFSource, default_model_dir, embedded_gguf
+
+    gguf = GGUFSource(embedded_gguf())
+    whole = SafetensorsSource(default_model_dir())
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.3.{rel}.weight" for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj", "input_layernorm")
+    ]
+    for name in names:
+        assert torch.equal(gguf.tensor(name), whole.tensor(name)), name
+    assert not gguf.has("lm_head.weight")  # tied: the table is stored once
+    with pytest.raises(FactorportError, match="has no tensor for model.layers.99"):
+        gguf.tensor("model.layers.99.mlp.up_proj.weight")

@@ -28,7 +28,7 @@ from ..ops import CompressedLinear, QuantizedBase, QuantSpec
 from .calibration import CalibrationStats
 from .correct import CorrectConfig, _units, stacked_error_svd
 from .factorize import input_transform, truncate
-from .quantize import QuantizeConfig, gptq
+from .quantize import InverseHessian, QuantizeConfig, gptq
 from .report import LayerReport, module_bytes, output_error
 from .share import attach_projection, member_rows
 from .targets import compressible_linears, replace_linear
@@ -73,9 +73,9 @@ def check_budget(model, config: BudgetConfig) -> None:
             spec.check_fits(module.in_features, name)
 
 
-def _quantize(weight, spec: QuantSpec, config: BudgetConfig, xtx) -> QuantizedBase:
+def _quantize(weight, spec: QuantSpec, config: BudgetConfig, hinv: InverseHessian | None) -> QuantizedBase:
     if config.method == "gptq":  # with the quantize step's GPTQ defaults
-        return gptq(weight, xtx, spec, QuantizeConfig.damping, QuantizeConfig.block_size, config.clip_search)
+        return gptq(weight, hinv, spec, QuantizeConfig.block_size, config.clip_search)
     return QuantizedBase.from_weight(weight, spec)
 
 
@@ -141,9 +141,11 @@ def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progres
         whitening = input_transform("whitened", stats.xtx(unit[0]), 0.0, 1e-6)
         outs = sum(w.shape[0] for w in weights)
         options, menu = [], {}
+        # one for the unit and every bit width: a unit's members share their input
+        hinv = InverseHessian.of(stats.hessian(unit[0], config.sink_weight), QuantizeConfig.damping) if config.method == "gptq" else None
         for bits in config.bits:
             spec = QuantSpec(bits, config.group_size, config.symmetric)
-            bases = [_quantize(w, spec, config, stats.hessian(n, config.sink_weight)) for n, w in zip(unit, weights)]
+            bases = [_quantize(w, spec, config, hinv) for w in weights]
             p, s, right, reference = stacked_error_svd(weights, [b.to_dense() for b in bases], whitening, config.balance_members)
             menu[bits] = (bases, p, s, right)
             base_bytes = sum(module_bytes(b) for b in bases)

@@ -130,9 +130,15 @@ def token_sequences(tokenizer, source: str, samples: int, seq_len: int) -> list[
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(count)]
 
 
+# sequences run together, at most this many tokens a forward: larger matrix
+# products, and activations bounded whatever the number of sequences
+BATCH_TOKENS = 2048
+
+
 class GramCollector:
     """Forward pre-hooks that sum XᵀX (float64) of every distinct input of the
-    linears `names`, and keep each sequence's first token. Every buffer is
+    linears `names`, and keep each sequence's first token (`sequence` says
+    which sequence a forward starts at). Every buffer is
     allocated once, before the first forward, and filled in place: long-lived
     tensors allocated between the forwards' temporaries fragment the heap, and
     resident memory then grew ~500 MB per sequence."""
@@ -166,11 +172,12 @@ class GramCollector:
         return hook
 
     def add(self, key: str, hidden: torch.Tensor) -> None:
-        """Count `hidden` (1, tokens, width) as an input of `key`."""
+        """Count `hidden` (sequences, tokens, width), sequences `self.sequence`
+        onwards, as an input of `key`."""
         x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
         torch.mm(x.T, x, out=self._scratch[key])
         self.grams[key] += self._scratch[key]
-        self.first[key][self.sequence] = hidden[0, 0]
+        self.first[key][self.sequence : self.sequence + hidden.shape[0]] = hidden[:, 0]
 
     def close(self) -> None:
         for h in self._hooks:
@@ -199,10 +206,11 @@ def collect(model, sequences: list[torch.Tensor], source: str = "", progress: bo
     `sequences`: every layer's statistics from the uncompressed model."""
     start = time.perf_counter()
     collector = GramCollector(model, linear_names(model, arch_for(model.config)), len(sequences))
+    batch = max(1, BATCH_TOKENS // sequences[0].shape[1]) if sequences else 1
     try:
-        for i, seq in enumerate(tqdm(sequences, desc="calibrate", unit="seq", disable=not progress)):
+        for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch", disable=not progress):
             collector.sequence = i
-            model(input_ids=seq, use_cache=False)
+            model(input_ids=torch.cat(sequences[i : i + batch]), use_cache=False)
     finally:
         collector.close()
     tokens = sum(s.numel() for s in sequences)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..architectures import arch_for
 from ..errors import FactorportError
 from . import apply
-from .calibration import MODES, GramCollector
+from .calibration import BATCH_TOKENS, MODES, GramCollector
 from .report import LayerReport
 from .targets import compressible_linears, scope
 
@@ -53,6 +53,7 @@ class Piece:
     reports: list[LayerReport]
     hidden: torch.Tensor | None  # (sequences, tokens, hidden) entering the next layer; None after the last
     seconds: float = 0.0
+    calibration_seconds: float = 0.0  # of `seconds`: the forward passes and XᵀX
 
 
 @dataclass
@@ -147,11 +148,14 @@ class LayerDriver:
     def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None) -> torch.Tensor:
         kwargs = self._layer_kwargs(hidden.shape[1])
         out = torch.empty_like(hidden)
-        for i in range(hidden.shape[0]):
+        # batched as `collect` batches the whole model (and one dequantization
+        # of a compressed layer per batch)
+        batch = max(1, BATCH_TOKENS // hidden.shape[1])
+        for i in range(0, hidden.shape[0], batch):
             if collector is not None:
                 collector.sequence = i
-            result = layer(hidden[i : i + 1], **kwargs)
-            out[i] = (result[0] if isinstance(result, tuple) else result)[0]
+            result = layer(hidden[i : i + batch], **kwargs)
+            out[i : i + batch] = result[0] if isinstance(result, tuple) else result
         return out
 
     # --------------------------------------------------------------- steps
@@ -180,21 +184,25 @@ class LayerDriver:
         names = [f"{prefix}.{rel}" for rel in self.arch.linears]
         if hidden is None:  # a recipe without calibration: nothing runs through the model
             return Piece(index, prefix, names, self._compress(names, None, layer), None, time.perf_counter() - started)
+        read = time.perf_counter()
         collector = GramCollector(self.model, names, hidden.shape[0], self.device)
         dense_out = self._forward(layer, hidden, collector)
         stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
         del collector
+        calibrated = time.perf_counter()
         reports = self._compress(names, stats, layer)
+        compressed_at = time.perf_counter()
         compressed = self.layers[index]  # the steps replaced its linears in place
         hidden = self._forward(compressed, hidden) if self.mode == "sequential" else dense_out
-        return Piece(index, prefix, names, reports, hidden, time.perf_counter() - started)
+        done = time.perf_counter()
+        return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at))
 
     def head(self, hidden: torch.Tensor | None, calibration: str) -> Piece:
         """Embedding, final norm and output projection: compressed when a step targets the lm_head."""
         started = time.perf_counter()
         self._load_head()
         name = self.arch.lm_head
-        reports = []
+        reports, calibrated = [], 0.0
         with scope([name]):
             targeted = any(compressible_linears(self.model, cfg.targets) for _, cfg in self.steps)
         if targeted and hidden is None:
@@ -207,8 +215,9 @@ class LayerDriver:
                     collector.sequence = i
                     collector.add(name, norm(hidden[i : i + 1]))
             stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
+            calibrated = time.perf_counter() - started
             reports = self._compress([name], stats, self.model.get_submodule(name))
-        return Piece(-1, "", [name], reports, None, time.perf_counter() - started)
+        return Piece(-1, "", [name], reports, None, time.perf_counter() - started, calibrated)
 
     def release(self, piece: Piece) -> None:
         """Free a written layer: its modules stay as meta-device shapes."""

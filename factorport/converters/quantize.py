@@ -57,37 +57,53 @@ class QuantizeConfig:
         return QuantSpec(self.bits, self.group_size, self.symmetric)
 
 
+@dataclass
+class InverseHessian:
+    """What the sweeps need of H = XᵀX, computed once per input group (q/k/v
+    share theirs): `upper`, the upper Cholesky factor U of the damped inverse,
+    UᵀU = (H + λ·mean(diag H)·I)⁻¹; the columns no input reached; diag H."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    diagonal: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, xtx: torch.Tensor, damping: float) -> "InverseHessian":
+        # a float32 `xtx` is used up, changed in place: a 14336-wide H is 0.8 GB
+        # (`CalibrationStats.hessian` makes a fresh one per call)
+        h = xtx.float()
+        diagonal = h.diagonal().clone()
+        dead = diagonal == 0
+        h[dead, dead] = 1.0
+        h.diagonal().add_(damping * h.diagonal().mean())
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        return cls(upper, dead, diagonal)
+
+
 @torch.no_grad()
-def obs_sweep(weight: torch.Tensor, xtx: torch.Tensor, damping: float, block_size: int, target_of) -> torch.Tensor:
+def obs_sweep(weight: torch.Tensor, hinv: InverseHessian, block_size: int, target_of) -> torch.Tensor:
     """The optimal-brain-surgeon sweep shared by GPTQ and SparseGPT: visit the
     columns in order, replace each by `target_of(col, block, i)` (rounded,
     pruned, or both; `block[:, i]` is column `col` with the updates so far) and
     push the error onto the columns not yet visited through the inverse
-    Hessian H = XᵀX. Returns the replaced weights."""
+    Hessian. Returns the replaced weights."""
     rows, cols = weight.shape
     w = weight.float().clone()
-    # a float32 `xtx` is used up, changed in place: a 14336-wide H is 0.8 GB
-    # (`CalibrationStats.hessian` makes a fresh one per call)
-    h = xtx.float()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(damping * h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    del h
+    w[:, hinv.dead] = 0.0
     result = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = w[:, i1:i2].clone()
         errors = torch.zeros_like(block)
-        hblock = hinv[i1:i2, i1:i2]
+        hblock = hinv.upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             target = target_of(i1 + i, block, i)
             result[:, i1 + i] = target
             err = (block[:, i] - target) / hblock[i, i]
             block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
             errors[:, i] = err
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+        w[:, i2:] -= errors @ hinv.upper[i1:i2, i2:]
     return result
 
 
@@ -147,15 +163,13 @@ def clipped_group_params(w: torch.Tensor, spec: QuantSpec, importance: torch.Ten
     return best_s, best_m
 
 
-def gptq(
-    weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damping: float, block_size: int, clip_search: bool = False
-) -> QuantizedBase:
-    """GPTQ codes of `weight` under H = `xtx` (a float32 `xtx` is used up, see `obs_sweep`)."""
+def gptq(weight: torch.Tensor, hinv: InverseHessian, spec: QuantSpec, block_size: int, clip_search: bool = False) -> QuantizedBase:
+    """GPTQ codes of `weight` under the inverse Hessian `hinv`."""
     rows, cols = weight.shape
     spec.check_fits(cols)
     block_size = max(spec.group_size, block_size // spec.group_size * spec.group_size)  # groups never straddle blocks
-    rounder = GroupRounder(rows, cols, spec, importance=xtx.diagonal().float().clone() if clip_search else None)
-    obs_sweep(weight, xtx, damping, block_size, rounder)
+    rounder = GroupRounder(rows, cols, spec, importance=hinv.diagonal if clip_search else None)
+    obs_sweep(weight, hinv, block_size, rounder)
     return QuantizedBase(pack(rounder.codes, spec), rounder.scale, rounder.minimum, spec, cols)
 
 
@@ -179,6 +193,7 @@ def quantize_(model, config: QuantizeConfig, stats: CalibrationStats | None, pro
     if config.method == "gptq" and stats is None:
         raise ValueError("quantize method 'gptq' needs calibration statistics")
     reports = []
+    hinv: dict[str, InverseHessian] = {}  # the current input group's only (a 14336-wide one is 0.8 GB)
     for name in tqdm(names, desc=f"quantize ({config.method} int{spec.bits})", unit="layer", disable=not progress):
         module = model.get_submodule(name)
         weight = _dense_of(module)
@@ -187,7 +202,10 @@ def quantize_(model, config: QuantizeConfig, stats: CalibrationStats | None, pro
             continue
         started = time.perf_counter()
         if config.method == "gptq":
-            base = gptq(weight, stats.hessian(name, config.sink_weight), spec, config.damping, config.block_size, config.clip_search)
+            key = stats.key_of[name]
+            if key not in hinv:
+                hinv = {key: InverseHessian.of(stats.hessian(name, config.sink_weight), config.damping)}
+            base = gptq(weight, hinv[key], spec, config.block_size, config.clip_search)
         else:
             base = QuantizedBase.from_weight(weight, spec)
         if isinstance(module, CompressedLinear):  # keep its low-rank term, if any

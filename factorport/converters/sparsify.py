@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..ops import BlockSparseBase, CompressedLinear, DenseBase, QuantizedBase, QuantSpec
 from ..ops.quant import pack
 from .calibration import CalibrationStats
-from .quantize import GroupRounder, obs_sweep
+from .quantize import GroupRounder, InverseHessian, obs_sweep
 from .report import LayerReport, output_error
 from .targets import compressible_linears, replace_linear
 
@@ -142,13 +142,13 @@ def sparse_base(
             # round and prune in one sweep; groups lie inside blocks, so the
             # kept groups' codes and scales are simply gathered
             rounder = GroupRounder(out_f, in_f, spec, keep)
-            obs_sweep(weight, xtx, 0.01, max(128 // bc, 1) * bc, rounder)
+            obs_sweep(weight, InverseHessian.of(xtx, 0.01), max(128 // bc, 1) * bc, rounder)
             group_cols = row_cols[:, :: spec.group_size] // spec.group_size
             minimum = None if rounder.minimum is None else rounder.minimum.gather(1, group_cols)
             codes = pack(rounder.codes.gather(1, row_cols), spec)
             values = QuantizedBase(codes, rounder.scale.gather(1, group_cols), minimum, spec, row_cols.shape[1])
             return BlockSparseBase(indices, values, block, in_f)
-        pruned = obs_sweep(weight, xtx, 0.01, 128, lambda col, blk, i: torch.where(keep[:, col], blk[:, i], 0.0))
+        pruned = obs_sweep(weight, InverseHessian.of(xtx, 0.01), 128, lambda col, blk, i: torch.where(keep[:, col], blk[:, i], 0.0))
         compact = pruned.gather(1, row_cols).to(weight.dtype)
     compact = compact.contiguous()
     values = DenseBase(compact) if spec is None else QuantizedBase.from_weight(compact, spec)

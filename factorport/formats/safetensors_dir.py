@@ -154,11 +154,13 @@ def stored_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def write_piece(
-    staging: Path, name: str, tensors: dict[str, torch.Tensor], fragment: tuple[dict, dict], reports: list[dict], seconds: float
+    staging: Path, name: str, tensors: dict[str, torch.Tensor], fragment: tuple[dict, dict], reports: list[dict],
+    seconds: float, calibration_seconds: float,
 ) -> None:
     """One finished part of a layer-by-layer conversion, in `staging/pieces`."""
     (staging / PIECES).mkdir(exist_ok=True)
-    info = {"linears": fragment[0], "shared": fragment[1], "reports": reports, "seconds": round(seconds, 3)}
+    info = {"linears": fragment[0], "shared": fragment[1], "reports": reports, "seconds": round(seconds, 3),
+            "calibration_seconds": round(calibration_seconds, 3)}
     write_file(staging / PIECES / f"{name}.safetensors", tensors, {"format": "pt", PIECE_KEY: json.dumps(info)})
 
 
@@ -169,7 +171,7 @@ def piece_files(staging: Path) -> list[Path]:
 def piece_info(path: Path) -> dict:
     _, header = read_header(path)
     info = parse_json(header.get(PIECE_KEY, ""), path, "the piece record", "convert again without --resume")
-    if not isinstance(info, dict) or set(info) != {"linears", "shared", "reports", "seconds"}:
+    if not isinstance(info, dict) or set(info) != {"linears", "shared", "reports", "seconds", "calibration_seconds"}:
         raise FactorportError(f"{path}: not a piece of a factorport conversion; convert again without --resume")
     return info
 
