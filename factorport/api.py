@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__, loading
-from .converters import CalibrationConfig, apply, check, whole_model_reason
+from .converters import Allocation, CalibrationConfig, apply, check, solve, spreading_step, whole_model_reason
 from .converters.calibration import MODES, collect, describe_source, token_sequences
 from .converters.pipeline import Resume, convert_layers
 from .errors import FactorportError
@@ -36,7 +36,7 @@ from .formats.safetensors_dir import find_artifact, save_side_files
 from .loading import load_model, open_source
 from .ops import TiedEmbedding
 from .recipe import Recipe, load_recipe
-from .staging import STATE, finished, refuse_existing, resumable_output, staged_output
+from .staging import ALLOCATION, STATE, finished, refuse_existing, resumable_output, staged_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
@@ -197,9 +197,12 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
             print(f"factorport: resuming {tmp} at layer {state.layer}")
     elif resume and safetensors_dir.piece_files(tmp):
         raise FactorportError(f"{tmp} has finished layers but no {STATE} to continue from; run without --resume")
+    allocation = None
+    if spreading_step(recipe.steps) is not None:
+        allocation = _allocate(weights, recipe, sequences, described, tmp, device, progress, resume)
     layers = convert_layers(
         skeleton, weights, recipe.steps, sequences, described, calibration.mode if calibration else "parallel",
-        device, state, progress,
+        device, state, progress, allocation,
     )
     for piece in layers:
         name = f"layer-{piece.index:05d}" if piece.index >= 0 else "rest"
@@ -223,6 +226,26 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         "layer_seconds": [i["seconds"] for i in infos[:-1]],  # per decoder layer, this run or the one resumed
         "layers": [row for i in infos for row in i["reports"]],
     }
+
+
+def _allocate(weights, recipe, sequences, described: str, tmp: Path, device, progress: bool, resume: bool) -> Allocation:
+    """The first pass of a recipe that spreads one budget over every layer:
+    each layer's options, scored on the uncompressed model's activations,
+    solved once; kept in `tmp` so a resume does not score again."""
+    saved = tmp / ALLOCATION
+    if resume and saved.is_file():
+        return Allocation(chosen=safetensors_dir.read_json_file(saved, "convert again without --resume"))
+    if progress:
+        print("factorport: scoring every layer for the budget, then converting with the allocation fixed")
+    scoring = Allocation()
+    for _ in convert_layers(loading.skeleton(weights.config), weights, recipe.steps, sequences, described, "parallel", device,
+                            progress=progress, allocation=scoring):
+        pass  # the pieces are thrown away: only the options they filled matter
+    allocation = solve(loading.skeleton(weights.config), recipe.steps, scoring)
+    partial = saved.with_name(saved.name + ".tmp")
+    partial.write_text(json.dumps(allocation.chosen))
+    partial.replace(saved)
+    return allocation
 
 
 def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:

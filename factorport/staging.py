@@ -23,6 +23,7 @@ from .errors import FactorportError
 SETTINGS = "resume.json"
 PIECES = "pieces"  # formats.safetensors_dir.PIECES: the finished layers
 STATE = "state.safetensors"
+ALLOCATION = "allocation.json"  # a two-pass conversion's solved budget
 
 
 def partial_dir(output: Path) -> Path:
@@ -95,6 +96,7 @@ def finished(staging: Path) -> None:
     """Drop what only a resume needs (before the manifest hashes the directory)."""
     (staging / SETTINGS).unlink(missing_ok=True)
     (staging / STATE).unlink(missing_ok=True)
+    (staging / ALLOCATION).unlink(missing_ok=True)
 
 
 def _check_resumable(staging: Path, settings: dict) -> None:

@@ -8,7 +8,7 @@ from conftest import assert_reload_bit_exact
 
 from factorport.converters import CorrectConfig, QuantizeConfig, apply
 from factorport.converters.ranks import RankPolicy
-from factorport.converters.share import shared_name
+from factorport.converters.lowrank import shared_name
 from factorport.errors import FactorportError
 from factorport.ops import CompressedLinear
 

@@ -91,6 +91,41 @@ def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(source,
         torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
 
 
+BUDGET_RECIPE = """name: tiny-budget
+calibration: {samples: 4, seq_len: 64}
+steps:
+  - budget: {targets: [linears], bits_per_weight: 5.5, bits: [4, 8], group_size: 32, correction_ranks: [0, 8], method: rtn}
+"""
+
+
+def chosen(out: Path) -> dict[str, str]:
+    """Each linear's operator, as convert.json reports it (bits and rank included)."""
+    return {r["name"]: r["operator"] for r in json.loads((out / "report" / "convert.json").read_text())["layers"]}
+
+
+def test_a_budget_over_every_layer_is_scored_then_fixed(source, tmp_path):
+    """Two passes: the scoring pass sees the uncompressed model, so a parallel
+    conversion equals the whole-model one, and the sequential one keeps that
+    allocation (only its statistics differ); the budget holds."""
+    recipe = tmp_path / "budget.yaml"
+    recipe.write_text(BUDGET_RECIPE)
+    par = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "par", mode="parallel", progress=False)
+    seq = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "seq", progress=False)
+    model, tokenizer, _ = load_model(str(source))
+    sequences = token_sequences(tokenizer, str(TEXT.parent / "wiki.valid.tokens"), 4, 64)
+    apply(model, load_recipe(str(recipe)).steps, collect(model, sequences, progress=False), progress=False)
+    whole = safetensors_dir.state_tensors(model)
+    for name, tensor in stored(par).items():
+        torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
+    assert chosen(seq) == chosen(par)
+    operators = set(chosen(seq).values())
+    assert any("int8" in o for o in operators) and any("int4" in o for o in operators)  # the budget mixes widths
+    assert not (seq / "allocation.json").exists()  # what only a resume needs is gone
+    linears = [(n, m) for n, m in load_model(str(source))[0].named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    stored_bytes = sum(t.numel() * t.element_size() for k, t in stored(seq).items() if any(k.startswith(n + ".") for n, _ in linears))
+    assert stored_bytes <= 5.5 / 8 * sum(m.weight.numel() for _, m in linears)
+
+
 def test_sharded_output_loads_like_one_file(source, recipe, tmp_path):
     one = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "one", progress=False)
     sharded = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "sharded", max_shard_bytes=1, progress=False)
@@ -121,7 +156,10 @@ factorport.convert(sys.argv[1], recipe=sys.argv[2], output=sys.argv[3], progress
 """
 
 
-def test_resume_after_kill_is_bit_identical(source, recipe, tmp_path):
+@pytest.mark.parametrize("text", [RECIPE, BUDGET_RECIPE], ids=["per-layer", "two-pass"])
+def test_resume_after_kill_is_bit_identical(source, text, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
     whole = factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "whole", progress=False)
     out = tmp_path / "resumed"
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED), str(source), str(recipe), str(out)], env=os.environ)
@@ -129,6 +167,7 @@ def test_resume_after_kill_is_bit_identical(source, recipe, tmp_path):
     partial = tmp_path / ".resumed.partial"
     assert not out.exists() and partial.is_dir()
     assert sorted(p.name for p in (partial / "pieces").iterdir()) == ["layer-00000.safetensors", "layer-00001.safetensors"]
+    assert (partial / "allocation.json").is_file() == (text == BUDGET_RECIPE)  # a resume does not score again
 
     with pytest.raises(FactorportError, match="different settings"):
         factorport.convert(str(source), recipe=str(recipe), output=out, progress=False, resume=True, mode="parallel")

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from factorport.converters import ShareConfig, apply
 from factorport.converters.ranks import RankPolicy
-from factorport.converters.share import shared_name
+from factorport.converters.lowrank import shared_name
 from factorport.formats import safetensors_dir
 from factorport.ops import CompressedLinear, Projection
 

@@ -26,11 +26,9 @@ from tqdm import tqdm
 
 from ..ops import CompressedLinear, QuantizedBase, QuantSpec
 from .calibration import CalibrationStats
-from .correct import CorrectConfig, _units, stacked_error_svd
-from .factorize import input_transform, truncate
+from .lowrank import Allocation, attach_projection, input_transform, member_rows, stacked_error_svd, truncate, unit_name, units_of
 from .quantize import InverseHessian, QuantizeConfig, gptq
 from .report import LayerReport, module_bytes, output_error
-from .share import attach_projection, member_rows
 from .targets import compressible_linears, replace_linear
 
 METHODS = ("rtn", "gptq")
@@ -102,13 +100,14 @@ def _choose(hulls: dict, total: float) -> dict:
     if spent > total:
         raise ValueError(f"the budget ({total:,.0f} bytes for the targets) is below the cheapest option ({spent:,.0f}); raise it")
     heap = []
+    position = {unit: i for i, unit in enumerate(hulls)}  # ties go to the earlier unit, run after run
 
     def push(unit):
         h, i = hulls[unit], choice[unit]
         if i + 1 < len(h):
             cost = h[i + 1].bytes - h[i].bytes
             gain = h[i].error - h[i + 1].error
-            heapq.heappush(heap, (-gain / max(cost, 1e-9), id(unit), unit, cost))
+            heapq.heappush(heap, (-gain / max(cost, 1e-9), position[unit], unit, cost))
 
     for unit in hulls:
         push(unit)
@@ -122,52 +121,76 @@ def _choose(hulls: dict, total: float) -> dict:
     return {unit: hulls[unit][i] for unit, i in choice.items()}
 
 
-def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progress: bool = True) -> list[LayerReport]:
+def _total(model, config: BudgetConfig) -> float:
+    """The bytes the targeted linears may take (whole model: the rest is fixed)."""
+    names = [n for unit in units_of(model, config.targets, config.shared) for n in unit]
+    if config.bytes is not None:
+        return config.bytes - (module_bytes(model) - sum(module_bytes(model.get_submodule(n)) for n in names))
+    return config.bits_per_weight / 8 * sum(model.get_submodule(n).weight.numel() for n in names)
+
+
+def _menu(model, unit: tuple[str, ...], config: BudgetConfig, stats: CalibrationStats, bit_widths) -> tuple[dict, list[Option]]:
+    """A unit quantized at every bit width with the SVD of its error: {bits: (bases, P, σ, right)} and its options."""
+    factor_bytes = torch.empty(0, dtype=getattr(torch, config.factor_dtype)).element_size()
+    weights = [model.get_submodule(n).weight.detach() for n in unit]
+    whitening = input_transform("whitened", stats.xtx(unit[0]), 0.0, 1e-6)
+    outs = sum(w.shape[0] for w in weights)
+    options, menu = [], {}
+    # one for the unit and every bit width: a unit's members share their input
+    hinv = InverseHessian.of(stats.hessian(unit[0], config.sink_weight), QuantizeConfig.damping) if config.method == "gptq" else None
+    for bits in bit_widths:
+        spec = QuantSpec(bits, config.group_size, config.symmetric)
+        bases = [_quantize(w, spec, config, hinv) for w in weights]
+        p, s, right, reference = stacked_error_svd(weights, [b.to_dense() for b in bases], whitening, config.balance_members)
+        menu[bits] = (bases, p, s, right)
+        base_bytes = sum(module_bytes(b) for b in bases)
+        energy = (s**2).double()
+        for rank in config.correction_ranks:
+            if rank > min(outs, weights[0].shape[1]):
+                continue
+            cost = base_bytes + rank * (outs + weights[0].shape[1]) * factor_bytes
+            options.append(Option(bits, rank, cost, float(energy[rank:].sum()) / max(reference, 1e-30)))
+    return menu, options
+
+
+def solve_budget(model, config: BudgetConfig, hulls: list[tuple[str, list[Option]]]) -> dict[str, dict]:
+    """Each unit's (bits, rank) under the budget, from every unit's hull (the whole model's)."""
+    chosen = _choose(dict(hulls), _total(model, config))
+    return {name: {"bits": opt.bits, "rank": opt.rank} for name, opt in chosen.items()}
+
+
+def budget_(
+    model, config: BudgetConfig, stats: CalibrationStats | None, progress: bool = True, allocation: Allocation | None = None
+) -> list[LayerReport]:
+    """With a scoring `allocation`, only collect each unit's hull; with a
+    solved one, quantize each unit at its chosen bit width alone."""
     check_budget(model, config)
     if stats is None:
         raise ValueError("budget needs calibration statistics")
-    units = _units(model, CorrectConfig(targets=config.targets, shared=config.shared))
-    factor_bytes = torch.empty(0, dtype=getattr(torch, config.factor_dtype)).element_size()
-    names = [n for unit in units for n in unit]
-    dense_bytes = sum(module_bytes(model.get_submodule(n)) for n in names)
-    if config.bytes is not None:
-        total = config.bytes - (module_bytes(model) - dense_bytes)
+    units = units_of(model, config.targets, config.shared)
+    menus = {}
+    if allocation is None or allocation.scoring:
+        hulls = []
+        for unit in tqdm(units, desc=f"budget (int{'/'.join(map(str, config.bits))} x ranks)", unit="unit", disable=not progress):
+            menus[unit], options = _menu(model, unit, config, stats, config.bits)
+            hulls.append((unit_name(unit), _hull(options)))
+        if allocation is not None:
+            allocation.options += hulls
+            return []
+        chosen = solve_budget(model, config, hulls)
     else:
-        total = config.bits_per_weight / 8 * sum(model.get_submodule(n).weight.numel() for n in names)
-
-    menus, hulls = {}, {}
-    for unit in tqdm(units, desc=f"budget (int{'/'.join(map(str, config.bits))} x ranks)", unit="unit", disable=not progress):
-        weights = [model.get_submodule(n).weight.detach() for n in unit]
-        whitening = input_transform("whitened", stats.xtx(unit[0]), 0.0, 1e-6)
-        outs = sum(w.shape[0] for w in weights)
-        options, menu = [], {}
-        # one for the unit and every bit width: a unit's members share their input
-        hinv = InverseHessian.of(stats.hessian(unit[0], config.sink_weight), QuantizeConfig.damping) if config.method == "gptq" else None
-        for bits in config.bits:
-            spec = QuantSpec(bits, config.group_size, config.symmetric)
-            bases = [_quantize(w, spec, config, hinv) for w in weights]
-            p, s, right, reference = stacked_error_svd(weights, [b.to_dense() for b in bases], whitening, config.balance_members)
-            menu[bits] = (bases, p, s, right)
-            base_bytes = sum(module_bytes(b) for b in bases)
-            energy = (s**2).double()
-            for rank in config.correction_ranks:
-                if rank > min(outs, weights[0].shape[1]):
-                    continue
-                cost = base_bytes + rank * (outs + weights[0].shape[1]) * factor_bytes
-                options.append(Option(bits, rank, cost, float(energy[rank:].sum()) / max(reference, 1e-30)))
-        menus[unit] = menu
-        hulls[unit] = _hull(options)
-    chosen = _choose(hulls, total)
+        chosen = allocation.chosen
 
     reports = []
-    for unit in units:
+    for unit in tqdm(units, desc="budget (allocated)", unit="unit", disable=not progress or allocation is None):
         started = time.perf_counter()
-        opt = chosen[unit]
-        bases, p, s, right = menus.pop(unit)[opt.bits]
+        bits, rank = chosen[unit_name(unit)]["bits"], chosen[unit_name(unit)]["rank"]
+        menu = menus.pop(unit) if unit in menus else _menu(model, unit, config, stats, (bits,))[0]
+        bases, p, s, right = menu[bits]
         projection = name_of_v = None
         members = [(name, model.get_submodule(name), None) for name in unit]
-        if opt.rank:
-            u, v = truncate(p, s, right, opt.rank, getattr(torch, config.factor_dtype))
+        if rank:
+            u, v = truncate(p, s, right, rank, getattr(torch, config.factor_dtype))
             projection, name_of_v, rows = attach_projection(model, unit, v, "budget")
             reports += rows
             members = list(member_rows(model, unit, u))
@@ -176,6 +199,6 @@ def budget_(model, config: BudgetConfig, stats: CalibrationStats | None, progres
             err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
             replace_linear(model, name, new)
             report = LayerReport.compare(name, linear, new, err, time.perf_counter() - started, step="budget")
-            report.operator += f" (int{opt.bits}, correction rank {opt.rank})"
+            report.operator += f" (int{bits}, correction rank {rank})"
             reports.append(report)
     return reports

@@ -18,8 +18,11 @@ The output projection comes last, with the final norm's output as its input.
 The driver writes nothing; `convert_layers` yields one `Piece` per layer and
 the caller decides where it goes (and can stop and `resume` at any layer).
 
-Steps that need every layer at once (`whole_model_reason`) are not run
-here; `api.convert` runs them on the whole model in memory.
+A step that spreads one budget over every layer runs here twice (see
+`converters`): first with a scoring `Allocation` (in `parallel` mode, the
+pieces thrown away), then with the solved one. Steps that need every layer
+at once (`whole_model_reason`) are not run here; `api.convert` runs them on
+the whole model in memory.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..architectures import arch_for
 from ..errors import FactorportError
 from . import apply
 from .calibration import BATCH_TOKENS, MODES, GramCollector
+from .lowrank import Allocation
 from .report import LayerReport
 from .targets import compressible_linears, scope
 
@@ -82,6 +86,7 @@ class LayerDriver:
     steps: list
     mode: str = "sequential"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    allocation: Allocation | None = None  # for a step that spreads a budget over every layer
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -170,7 +175,7 @@ class LayerDriver:
                 cpu = lambda tensors: {k: v.cpu() for k, v in tensors.items()}  # noqa: E731
                 stats = dataclasses.replace(stats, grams=cpu(stats.grams), first_tokens=cpu(stats.first_tokens))
         with scope(names):
-            reports = apply(self.model, self.steps, stats, progress=False)
+            reports = apply(self.model, self.steps, stats, progress=False, allocation=self.allocation)
         if self.device.type != "cpu":
             owner.to(self.device)
         return reports
@@ -235,17 +240,20 @@ def convert_layers(
     device: str | torch.device = "cpu",
     resume: Resume | None = None,
     progress: bool = True,
+    allocation: Allocation | None = None,
 ) -> Iterator[Piece]:
     """Compress `model` (a meta-device skeleton of `source`) layer by layer,
-    yielding each finished `Piece`; the caller writes it before the next."""
-    driver = LayerDriver(model, source, steps, mode, torch.device(device))
+    yielding each finished `Piece`; the caller writes it before the next.
+    With a scoring `allocation` the pieces only fill its options."""
+    driver = LayerDriver(model, source, steps, mode, torch.device(device), allocation)
     start = 0
     if resume is not None:
         start, hidden = resume.layer, None if resume.hidden is None else resume.hidden.to(driver.device)
     else:
         hidden = driver.embed(sequences) if sequences else None
     count = len(driver.layers)
-    bar = tqdm(total=count + 1, initial=start, desc="convert", unit="layer", disable=not progress)
+    desc = "score" if allocation is not None and allocation.scoring else "convert"
+    bar = tqdm(total=count + 1, initial=start, desc=desc, unit="layer", disable=not progress)
     try:
         for index in range(start, count):
             bar.set_postfix_str(f"layer {index}: {'/'.join(name for name, _ in steps)}")

@@ -20,15 +20,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from ..architectures import arch_for, input_groups
-from ..ops import CompressedLinear, Projection
+from ..architectures import arch_for
 from .calibration import CalibrationStats
-from .factorize import factor_dtype, fixed_cost, input_transform, svd_of, truncate
-from .ranks import Candidate, RankPolicy, allocate
-from .report import LayerReport, output_error
-from .targets import compressible_linears, replace_linear
+from .lowrank import Allocation, Spectrum, attach_factors, candidate, factor_dtype, input_transform, low_rank_, svd_of, unit_name, units_of
+from .ranks import RankPolicy
+from .report import LayerReport
+from .targets import compressible_linears
 
 
 @dataclass(frozen=True)
@@ -41,50 +39,15 @@ class ShareConfig:
     across_layers: int = 1  # >1: share V per projection type over this many consecutive layers
 
 
-def shared_name(group: tuple[str, ...]) -> str:
-    """Where a group's V is registered: beside its first member, e.g.
-    model.layers.0.self_attn.shared_q_k_v, or model.layers.4.mlp.shared_up_x4
-    for one projection shared by four layers."""
-    parent = group[0].rpartition(".")[0]
-    leaves = [name.rpartition(".")[2].removesuffix("_proj") for name in group]
-    if len(set(leaves)) == 1:
-        return f"{parent}.shared_{leaves[0]}_x{len(group)}"
-    return f"{parent}.shared_{'_'.join(leaves)}"
-
-
-def attach_projection(model, unit: tuple[str, ...], v: torch.Tensor, step: str, what: str = "shared projection"):
-    """A Projection for V; registered at the group's name (and reported once,
-    as its own row) when several linears share it. Returns (projection, its
-    name or None, report rows)."""
-    projection = Projection(v)
-    if len(unit) == 1:
-        return projection, None, []
-    name = shared_name(unit)
-    model.set_submodule(name, projection)
-    return projection, name, [LayerReport(name, step, what, 0, v.numel(), 0, v.numel() * v.element_size(), None, 0.0)]
-
-
-def member_rows(model, unit: tuple[str, ...], u: torch.Tensor):
-    """(name, module, its rows of the stacked U) for every member of a unit."""
-    row = 0
-    for name in unit:
-        module = model.get_submodule(name)
-        yield name, module, u[row : row + module.out_features].contiguous()
-        row += module.out_features
-
-
 def _groups(model, config: ShareConfig) -> list[tuple[str, ...]]:
+    if config.across_layers == 1:
+        return units_of(model, config.targets, grouped=True)
     arch = arch_for(model.config)
-    chosen = compressible_linears(model, config.targets)
-    if config.across_layers > 1:
-        by_type: dict[str, list[str]] = {}
-        for name in chosen:
-            by_type.setdefault(name.removeprefix(arch.layers + ".").partition(".")[2], []).append(name)
-        window = config.across_layers
-        return [tuple(names[i : i + window]) for names in by_type.values() for i in range(0, len(names), window)]
-    wanted = set(chosen)
-    groups = [tuple(n for n in g if n in wanted) for g in input_groups(model, arch)]
-    return [g for g in groups if g]
+    by_type: dict[str, list[str]] = {}
+    for name in compressible_linears(model, config.targets):
+        by_type.setdefault(name.removeprefix(arch.layers + ".").partition(".")[2], []).append(name)
+    window = config.across_layers
+    return [tuple(names[i : i + window]) for names in by_type.values() for i in range(0, len(names), window)]
 
 
 def _group_xtx(stats: CalibrationStats, group: tuple[str, ...], sink_weight: float) -> torch.Tensor:
@@ -107,50 +70,27 @@ def check_share(model, config: ShareConfig) -> None:
             )
 
 
-def share_(model, config: ShareConfig, stats: CalibrationStats | None, progress: bool = True) -> list[LayerReport]:
+def share_(
+    model, config: ShareConfig, stats: CalibrationStats | None, progress: bool = True, allocation: Allocation | None = None
+) -> list[LayerReport]:
     check_share(model, config)
     if stats is None:
         raise ValueError("share needs calibration statistics (it whitens with XᵀX)")
-    groups = _groups(model, config)
-    decompositions, candidates = {}, []
-    for group in tqdm(groups, desc="share (joint whitened svd)", unit="group", disable=not progress):
+
+    def decompose(group: tuple[str, ...]) -> Spectrum:
         linears = [model.get_submodule(n) for n in group]
         started = time.perf_counter()
         stacked = torch.cat([m.weight.detach() for m in linears])
         transform = input_transform("whitened", _group_xtx(stats, group, config.sink_weight), 0.0, config.damping)
         p, s, right = svd_of(stacked, transform)
-        dtype = factor_dtype(config, linears[0])
-        decompositions[group] = (p, s, right, dtype, time.perf_counter() - started)
-        candidates.append(
-            Candidate(
-                name=group[0] if len(group) == 1 else shared_name(group),
-                out_features=stacked.shape[0],
-                in_features=stacked.shape[1],
-                energy=(s**2).float(),
-                dense_bytes=sum(m.weight.numel() * m.weight.element_size() for m in linears),
-                factor_element_bytes=torch.empty(0, dtype=dtype).element_size(),
-            )
-        )
-    ranks = allocate(candidates, config.ranks, fixed_cost(model, config.ranks, candidates))
+        dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        found = candidate(unit_name(group), p, right, s, dense_bytes, factor_dtype(config, linears[0]))
+        return Spectrum(group, p, s, right, found, time.perf_counter() - started)
 
-    reports = []
-    for group, cand in zip(groups, candidates):
-        p, s, right, dtype, seconds = decompositions.pop(group)
-        rank = ranks[cand.name]
-        linears = [model.get_submodule(n) for n in group]
-        if rank is None:
-            for name, linear in zip(group, linears):
-                kept = LayerReport.compare(name, linear, linear, 0.0, seconds / len(group), step="share")
-                kept.operator = "dense (factorizing does not pay at its allocated rank)"
-                reports.append(kept)
-            continue
-        u, v = truncate(p, s, right, rank, dtype)
-        what = "shared projection" if config.across_layers == 1 else "projection shared across layers (storage only: computed per layer)"
-        projection, name_of_v, rows = attach_projection(model, group, v, "share", what)
-        reports += rows
-        for (name, linear, member_u) in member_rows(model, group, u):
-            new = CompressedLinear(linear.in_features, linear.out_features, None, member_u, projection, name_of_v, linear.bias)
-            err = output_error(linear.weight, new.to_dense(), stats.xtx(name))
-            replace_linear(model, name, new)
-            reports.append(LayerReport.compare(name, linear, new, err, seconds / len(group), step="share"))
-    return reports
+    what = "shared projection" if config.across_layers == 1 else "projection shared across layers (storage only: computed per layer)"
+
+    def attach(sp: Spectrum, rank: int | None) -> list[LayerReport]:
+        return attach_factors(model, sp, rank, factor_dtype(config, model.get_submodule(sp.unit[0])), "share", stats, what)
+
+    return low_rank_(model, _groups(model, config), decompose, attach, config.ranks, "share (joint whitened svd)", progress,
+                     allocation=allocation)
