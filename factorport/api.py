@@ -224,6 +224,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         # calibration seconds: the forward passes and XᵀX inside the layer loop
         "calibration": _calibration_summary(calibration, sequences, sum(i["calibration_seconds"] for i in infos), calibration.mode if calibration else ""),
         "layer_seconds": [i["seconds"] for i in infos[:-1]],  # per decoder layer, this run or the one resumed
+        **({"allocation": allocation.chosen} if allocation is not None else {}),
         "layers": [row for i in infos for row in i["reports"]],
     }
 

@@ -118,6 +118,8 @@ def test_a_budget_over_every_layer_is_scored_then_fixed(source, tmp_path):
     for name, tensor in stored(par).items():
         torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
     assert chosen(seq) == chosen(par)
+    allocation = json.loads((seq / "report" / "convert.json").read_text())["allocation"]
+    assert allocation["model.layers.0.self_attn.shared_q_k_v"]["bits"] in (4, 8) and len(allocation) == 4 * 4  # 4 layers x (qkv, o, gate/up, down)
     operators = set(chosen(seq).values())
     assert any("int8" in o for o in operators) and any("int4" in o for o in operators)  # the budget mixes widths
     assert not (seq / "allocation.json").exists()  # what only a resume needs is gone
