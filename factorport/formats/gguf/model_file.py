@@ -91,7 +91,10 @@ class Planner:
         self.gguf_type = gguf_type
         self.plan = Plan()
         self.pending: list[_Pending] = []
-        self.all_dense: dict[str, np.ndarray] = {}  # every 2-D tensor, for llama.cpp's type choice
+        # every tensor in float32, for llama.cpp's per-tensor type choice; only
+        # its K / IQ mixes read it (an 8B model's is 32 GB)
+        self.needs_all = gguf_type not in codecs.NUMPY_TYPES
+        self.all_dense: dict[str, np.ndarray] = {}
 
     def run(self) -> Plan:
         embed = self.model.get_input_embeddings()
@@ -118,7 +121,11 @@ class Planner:
 
     def _float(self, name: str, t: torch.Tensor, order=None) -> None:
         self.plan.tensors.append(Tensor(name, _rows(_float32(t), order), "F32"))
-        self.all_dense[name] = self.plan.tensors[-1].data
+        self._remember(name, lambda: self.plan.tensors[-1].data)
+
+    def _remember(self, name: str, dense) -> None:
+        if self.needs_all:
+            self.all_dense[name] = dense()
 
     def _weight(self, name: str, module, order, allow_lora: bool) -> None:
         """The weight slot of one linear (or the embedding table)."""
@@ -129,7 +136,7 @@ class Planner:
         if base is not None and (allow_lora or not has_lowrank) and codecs.lossless_type(base):
             type_name, blocks = codecs.lossless_blocks(base)
             self.plan.tensors.append(Tensor(name, _rows(blocks, order), type_name))
-            self.all_dense[name] = _rows(_float32(base.to_dense()), order)
+            self._remember(name, lambda: _rows(_float32(base.to_dense()), order))
         elif base is not None and (allow_lora or not has_lowrank):
             self._dense(name, _float32(base.to_dense()), order, _base_source(module))
         else:  # no base, or a low-rank term llama.cpp cannot apply here: multiply out
@@ -141,7 +148,7 @@ class Planner:
 
     def _dense(self, name: str, weight: np.ndarray, order, source: str) -> None:
         weight = _rows(weight, order)
-        self.all_dense[name] = weight
+        self._remember(name, lambda: weight)
         self.pending.append(_Pending(name, weight, source))
 
     def _lora(self, name: str, module: CompressedLinear, order) -> None:
