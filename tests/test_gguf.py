@@ -57,6 +57,25 @@ def test_lossless_block_types_decode_to_the_torch_weights(make_model, stats_for,
     assert np.array_equal(gguf.quants.dequantize(np.array(embed.data), embed.tensor_type), model.lm_head.base.to_dense().detach().numpy())
 
 
+def test_tensors_are_made_one_at_a_time_while_writing(make_model, stats_for, tmp_path, monkeypatch):
+    """Planning reads no lossless weight; writing makes each tensor just
+    before it writes it, so the file is never held whole."""
+    from factorport.formats.gguf import codecs, model_file
+
+    model = make_model("llama")
+    convert(model, stats_for(model), "  - quantize: {targets: [linears, lm_head], bits: 4, group_size: 32, symmetric: true}\n")
+    events = []
+    blocks, write = codecs.lossless_blocks, gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(codecs, "lossless_blocks", lambda base: events.append("make") or blocks(base))
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", lambda self, data, *a: events.append("write") or write(self, data, *a))
+    model_file.plan_model(model, "F16")
+    assert events == []
+    export(model, None, tmp_path, progress=False, native=False)
+    made = "".join("m" if e == "make" else "w" for e in events)
+    assert made.count("m") == model.config.num_hidden_layers * 7 + 1  # the linears and the tied table
+    assert "mm" not in made  # each made tensor is written before the next is made
+
+
 def test_other_grids_are_requantized_and_reported(make_model, stats_for, tmp_path):
     model = make_model("llama")
     convert(model, stats_for(model), "  - quantize: {targets: [linears], bits: 4, group_size: 64, symmetric: true}\n")

@@ -150,9 +150,11 @@ class LayerDriver:
         return self._kwargs
 
     @torch.inference_mode()
-    def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None) -> torch.Tensor:
+    def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None, keep: bool = True) -> None:
+        """Run `hidden` through `layer`, batch by batch; with `keep`, each
+        batch's output replaces its input in place (sequences are independent),
+        so the calibration activations exist once however many layers run."""
         kwargs = self._layer_kwargs(hidden.shape[1])
-        out = torch.empty_like(hidden)
         # batched as `collect` batches the whole model (and one dequantization
         # of a compressed layer per batch)
         batch = max(1, BATCH_TOKENS // hidden.shape[1])
@@ -160,8 +162,8 @@ class LayerDriver:
             if collector is not None:
                 collector.sequence = i
             result = layer(hidden[i : i + batch], **kwargs)
-            out[i : i + batch] = result[0] if isinstance(result, tuple) else result
-        return out
+            if keep:
+                hidden[i : i + batch] = result[0] if isinstance(result, tuple) else result
 
     # --------------------------------------------------------------- steps
 
@@ -191,14 +193,17 @@ class LayerDriver:
             return Piece(index, prefix, names, self._compress(names, None, layer), None, time.perf_counter() - started)
         read = time.perf_counter()
         collector = GramCollector(self.model, names, hidden.shape[0], self.device)
-        dense_out = self._forward(layer, hidden, collector)
+        # sequential: the uncompressed outputs only feed the statistics; the
+        # compressed layer's replace the inputs below. parallel: they are the next inputs
+        self._forward(layer, hidden, collector, keep=self.mode == "parallel")
         stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
         del collector
         calibrated = time.perf_counter()
         reports = self._compress(names, stats, layer)
         compressed_at = time.perf_counter()
         compressed = self.layers[index]  # the steps replaced its linears in place
-        hidden = self._forward(compressed, hidden) if self.mode == "sequential" else dense_out
+        if self.mode == "sequential":
+            self._forward(compressed, hidden)
         done = time.perf_counter()
         return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at))
 

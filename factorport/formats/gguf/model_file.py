@@ -12,11 +12,18 @@ Per linear `y = base(x) + U·(V·x)`:
   like a dense weight; so is a low-rank term on the output projection /
   token embedding, which llama.cpp's LoRA does not cover.
 q/k rows (weights, lora_b, biases) are put in llama.cpp's rotary order.
+
+A planned tensor is its name, type and shape plus how to make its data:
+the writer makes each one as it writes it, so an export holds the
+compressed model and one tensor, never the file's whole contents. Only
+llama.cpp's K / IQ mixes need every tensor at once (llama.cpp picks types
+over the whole model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +41,27 @@ from .names import NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, gguf_arch, 
 @dataclass
 class Tensor:
     name: str
-    data: np.ndarray  # float arrays, or raw blocks (rows, row_bytes) uint8
     type_name: str  # ggml type
+    shape: tuple[int, ...]  # of the data: float arrays, or raw blocks (rows, row_bytes)
+    dtype: np.dtype  # float32 / float16, or uint8 for raw blocks
+    make: Callable[[], np.ndarray]  # the data, made when written
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _stored_shape(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The (shape, dtype) a weight of `shape` has once encoded as `type_name`."""
+    if type_name == "F32":
+        return tuple(shape), np.dtype(np.float32)
+    if type_name == "F16":
+        return tuple(shape), np.dtype(np.float16)
+    import gguf
+
+    from ...ops.ggml import ggml_type
+
+    return tuple(gguf.quant_shape_to_byte_shape(shape, ggml_type(type_name))), np.dtype(np.uint8)
 
 
 @dataclass
@@ -52,7 +78,7 @@ class _Pending:
     """A dense weight waiting to be quantized to the user's type."""
 
     name: str
-    weight: np.ndarray  # float32, rows already in GGUF order
+    weight: Callable[[], np.ndarray]  # float32, rows already in GGUF order
     source: str  # what it was (for the report)
 
 
@@ -64,10 +90,10 @@ def _float32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().contiguous().numpy()
 
 
-def _lora_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    if t.dtype == torch.float16:
-        return t.detach().contiguous().numpy(), "F16"
-    return _float32(t), "F32"
+def _lora_tensor(name: str, t: torch.Tensor, order) -> Tensor:
+    type_name = "F16" if t.dtype == torch.float16 else "F32"
+    array = (lambda: t.detach().contiguous().numpy()) if type_name == "F16" else (lambda: _float32(t))
+    return Tensor(name, type_name, tuple(t.shape), np.dtype(np.float16 if type_name == "F16" else np.float32), lambda: _rows(array(), order))
 
 
 def _base_source(module) -> str:
@@ -120,53 +146,53 @@ class Planner:
         return self.plan
 
     def _float(self, name: str, t: torch.Tensor, order=None) -> None:
-        self.plan.tensors.append(Tensor(name, _rows(_float32(t), order), "F32"))
-        self._remember(name, lambda: self.plan.tensors[-1].data)
+        make = lambda: _rows(_float32(t), order)  # noqa: E731
+        self.plan.tensors.append(Tensor(name, "F32", tuple(t.shape), np.dtype(np.float32), make))
+        self._remember(name, make)
 
-    def _remember(self, name: str, dense) -> None:
+    def _remember(self, name: str, dense: Callable[[], np.ndarray]) -> None:
         if self.needs_all:
             self.all_dense[name] = dense()
 
     def _weight(self, name: str, module, order, allow_lora: bool) -> None:
         """The weight slot of one linear (or the embedding table)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            self._dense(name, _float32(module.weight), order, "dense")
+            self._dense(name, lambda: _float32(module.weight), order, "dense")
             return
         base, has_lowrank = module.base, module.U is not None
         if base is not None and (allow_lora or not has_lowrank) and codecs.lossless_type(base):
-            type_name, blocks = codecs.lossless_blocks(base)
-            self.plan.tensors.append(Tensor(name, _rows(blocks, order), type_name))
+            type_name = codecs.lossless_type(base)
+            stored, dtype = _stored_shape((module.out_features, module.in_features), type_name)
+            self.plan.tensors.append(Tensor(name, type_name, stored, dtype, lambda: _rows(codecs.lossless_blocks(base)[1], order)))
             self._remember(name, lambda: _rows(_float32(base.to_dense()), order))
         elif base is not None and (allow_lora or not has_lowrank):
-            self._dense(name, _float32(base.to_dense()), order, _base_source(module))
+            self._dense(name, lambda: _float32(base.to_dense()), order, _base_source(module))
         else:  # no base, or a low-rank term llama.cpp cannot apply here: multiply out
-            self._dense(name, _float32(module.to_dense()), order, _base_source(module) if base is None else "base + low-rank (multiplied out)")
+            self._dense(name, lambda: _float32(module.to_dense()), order, _base_source(module) if base is None else "base + low-rank (multiplied out)")
             self.plan.multiplied_out.append(name)
             return
         if has_lowrank:
             self._lora(name, module, order)
 
-    def _dense(self, name: str, weight: np.ndarray, order, source: str) -> None:
-        weight = _rows(weight, order)
-        self._remember(name, lambda: weight)
-        self.pending.append(_Pending(name, weight, source))
+    def _dense(self, name: str, weight: Callable[[], np.ndarray], order, source: str) -> None:
+        make = lambda: _rows(weight(), order)  # noqa: E731
+        self._remember(name, make)
+        self.pending.append(_Pending(name, make, source))
 
     def _lora(self, name: str, module: CompressedLinear, order) -> None:
-        a, a_type = _lora_array(module.V.V)
-        b, b_type = _lora_array(module.U)
-        self.plan.lora.append(Tensor(f"{name}.lora_a", a, a_type))
-        self.plan.lora.append(Tensor(f"{name}.lora_b", _rows(b, order), b_type))
+        self.plan.lora.append(_lora_tensor(f"{name}.lora_a", module.V.V, None))
+        self.plan.lora.append(_lora_tensor(f"{name}.lora_b", module.U, order))
         if module.shared_name is not None:
             self.plan.duplicated_v.setdefault(module.shared_name, []).append(f"{name}.lora_a")
 
     def _quantize_pending(self) -> None:
-        """Dense weights -> the user's type: numpy codecs, or llama.cpp's
-        quantizer for its K / IQ mixes (which pick per-tensor types)."""
+        """Dense weights -> the user's type: numpy codecs (made again when
+        written; here only to measure the error), or llama.cpp's quantizer
+        for its K / IQ mixes (which pick per-tensor types)."""
         if not self.pending:
             return
-        if self.gguf_type in codecs.NUMPY_TYPES:
-            encoded = {p.name: (self.gguf_type, codecs.encode(p.weight, self.gguf_type)) for p in self.pending}
-        else:
+        encoded = None
+        if self.needs_all:
             try:
                 require_llama_cpp_features()  # llama.cpp's quantizer runs in this process
                 encoded = llamacpp_quantize(self.all_dense, hparams(self.config, self.garch), self.gguf_type)
@@ -175,10 +201,17 @@ class Planner:
 
                 raise FactorportError(str(exc)) from exc
         for p in self.pending:
-            type_name, data = encoded[p.name]
-            error = _relative_error(codecs.decode(data, type_name), p.weight)
-            self.plan.tensors.append(Tensor(p.name, data, type_name))
+            weight = p.weight()
+            if encoded is None:
+                type_name, data = self.gguf_type, codecs.encode(weight, self.gguf_type)
+                make = lambda p=p: codecs.encode(p.weight(), self.gguf_type)  # noqa: E731
+            else:
+                type_name, data = encoded[p.name]
+                make = lambda data=data: data  # noqa: E731
+            error = _relative_error(codecs.decode(data, type_name), weight)
+            self.plan.tensors.append(Tensor(p.name, type_name, tuple(data.shape), data.dtype, make))
             self.plan.requantized.append({"tensor": p.name, "from": p.source, "to": type_name, "relative_error": error})
+            del data, weight
         self.plan.tensors.sort(key=_tensor_key)
 
 

@@ -1,4 +1,4 @@
-"""Writing `model.gguf` and `adapter.gguf` from a `Plan`."""
+"""Writing `model.gguf` and `adapter.gguf` from a `Plan`, one tensor at a time."""
 
 from __future__ import annotations
 
@@ -18,17 +18,19 @@ QUANTIZATION_VERSION = 2  # ggml's block layouts of Q4_0/Q4_1/Q8_0 (and K-quants
 LORA_ALPHA_UNSCALED = 0.0
 
 
-def _add_tensor(writer, t: Tensor) -> None:
-    if t.data.dtype == np.uint8:
-        writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=ggml_type(t.type_name))
-    else:
-        writer.add_tensor(t.name, np.ascontiguousarray(t.data))
-
-
-def _finish(writer) -> None:
+def _finish(writer, tensors: list[Tensor]) -> None:
+    """The header, then each tensor's data made and written in turn (the
+    header needs only shapes and types), so one tensor is in memory at a time."""
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=ggml_type(t.type_name) if t.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        data = np.ascontiguousarray(t.make())
+        if data.shape != t.shape or data.dtype != t.dtype:  # the header already promised otherwise
+            raise AssertionError(f"{t.name}: planned {t.shape} {t.dtype}, made {data.shape} {data.dtype}")
+        writer.write_tensor_data(data)
     writer.close()
 
 
@@ -51,9 +53,7 @@ def write_model(path: Path, plan: Plan, model, tokenizer, garch: GGUFArch, name:
     writer.add_string("factorport.requantized", json.dumps(plan.requantized))
     writer.add_string("factorport.multiplied_out", json.dumps(plan.multiplied_out))
     writer.add_bool("factorport.has_adapter", bool(plan.lora))
-    for t in plan.tensors:
-        _add_tensor(writer, t)
-    _finish(writer)
+    _finish(writer, plan.tensors)
     return how
 
 
@@ -66,6 +66,4 @@ def write_adapter(path: Path, plan: Plan, garch: GGUFArch) -> None:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA_UNSCALED)
     writer.add_string("factorport.duplicated_shared_v", json.dumps(plan.duplicated_v))
-    for t in plan.lora:
-        _add_tensor(writer, t)
-    _finish(writer)
+    _finish(writer, plan.lora)
