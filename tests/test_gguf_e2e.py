@@ -74,13 +74,14 @@ def test_llamacpp_perplexity_within_one_percent_and_top1_agreement(runs):
     assert agree >= 0.95, float(agree)
     gap = [sum((a - r).abs().mean() for a, r in zip(results[n], results["torch"])) for n in ("llama.cpp", "no adapter")]
     assert gap[0] < gap[1] / 2  # the adapter moves llama.cpp onto the torch reference
-    # greedy decoding follows the torch reference: each of llama.cpp's first four
-    # tokens is among torch's two most likely at that point (an exact match
-    # broke on a near-tie when a dependency changed: llama.cpp computes with
-    # 8-bit activations)
+    # greedy decoding follows the torch reference: at each of llama.cpp's first
+    # four tokens, torch rates that token within 0.2 logits of its own best.
+    # Not "torch's top 1" nor "top 2": llama.cpp computes with 8-bit activations,
+    # and near-ties (three tokens within 0.03 logits, seen in CI) flip either;
+    # a wrong token is logits below the best.
     ours, reference = generated
     for i, token in enumerate(ours[:4]):
-        assert token in reference[i].topk(2).indices.tolist(), (i, ours, reference[i].topk(5))
+        assert reference[i].max() - reference[i][token] < 0.2, (i, ours, reference[i].topk(5))
 
 
 def test_factorport_gguf_round_trip_is_bit_exact(artifact):
