@@ -199,7 +199,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         raise FactorportError(f"{tmp} has finished layers but no {STATE} to continue from; run without --resume")
     allocation = None
     if spreading_step(recipe.steps) is not None:
-        allocation = _allocate(weights, recipe, sequences, described, tmp, device, progress, resume)
+        allocation = _allocate(weights, skeleton, recipe, sequences, described, tmp, device, progress, resume)
     layers = convert_layers(
         skeleton, weights, recipe.steps, sequences, described, calibration.mode if calibration else "parallel",
         device, state, progress, allocation,
@@ -229,10 +229,11 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
     }
 
 
-def _allocate(weights, recipe, sequences, described: str, tmp: Path, device, progress: bool, resume: bool) -> Allocation:
+def _allocate(weights, skeleton, recipe, sequences, described: str, tmp: Path, device, progress: bool, resume: bool) -> Allocation:
     """The first pass of a recipe that spreads one budget over every layer:
-    each layer's options, scored on the uncompressed model's activations,
-    solved once; kept in `tmp` so a resume does not score again."""
+    each layer's options, scored on the uncompressed model's activations
+    (in a skeleton of its own), solved once against `skeleton` (untouched
+    until the second pass); kept in `tmp` so a resume does not score again."""
     saved = tmp / ALLOCATION
     if resume and saved.is_file():
         return Allocation(chosen=safetensors_dir.read_json_file(saved, "convert again without --resume"))
@@ -242,7 +243,7 @@ def _allocate(weights, recipe, sequences, described: str, tmp: Path, device, pro
     for _ in convert_layers(loading.skeleton(weights.config), weights, recipe.steps, sequences, described, "parallel", device,
                             progress=progress, allocation=scoring):
         pass  # the pieces are thrown away: only the options they filled matter
-    allocation = solve(loading.skeleton(weights.config), recipe.steps, scoring)
+    allocation = solve(skeleton, recipe.steps, scoring)
     partial = saved.with_name(saved.name + ".tmp")
     partial.write_text(json.dumps(allocation.chosen))
     partial.replace(saved)

@@ -75,9 +75,13 @@ STEPS = {
 }
 
 
+def _spreading(steps) -> list[int]:
+    return [i for i, (name, config) in enumerate(steps) if STEPS[name].spread(config)]
+
+
 def spreading_step(steps) -> int | None:
     """The index of the step that spreads one budget over every layer, if any."""
-    spreading = [i for i, (name, config) in enumerate(steps) if STEPS[name].spread(config)]
+    spreading = _spreading(steps)
     return spreading[0] if spreading else None
 
 
@@ -87,9 +91,9 @@ def whole_model_reason(steps) -> str | None:
         reason = STEPS[name].whole_model(config)
         if reason:
             return f"step {i + 1} ({name}): {reason}"
-    spreading = [i + 1 for i, (name, config) in enumerate(steps) if STEPS[name].spread(config)]
+    spreading = _spreading(steps)
     if len(spreading) > 1:
-        return f"steps {' and '.join(map(str, spreading))} each spread a budget over all layers"
+        return f"steps {' and '.join(str(i + 1) for i in spreading)} each spread a budget over all layers"
     return None
 
 

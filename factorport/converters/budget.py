@@ -184,7 +184,8 @@ def budget_(
     reports = []
     for unit in tqdm(units, desc="budget (allocated)", unit="unit", disable=not progress or allocation is None):
         started = time.perf_counter()
-        bits, rank = chosen[unit_name(unit)]["bits"], chosen[unit_name(unit)]["rank"]
+        pick = chosen[unit_name(unit)]
+        bits, rank = pick["bits"], pick["rank"]
         menu = menus.pop(unit) if unit in menus else _menu(model, unit, config, stats, (bits,))[0]
         bases, p, s, right = menu[bits]
         projection = name_of_v = None
