@@ -73,7 +73,13 @@ def test_one_decoder_layer_in_float32_at_a_time(source, recipe, tmp_path, monkey
     assert sorted(alive) == [0, 1, 2, 3] and peak["layers"] == 1
 
 
-def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(source, recipe, tmp_path):
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def any_source(request, tmp_path_factory) -> Path:
+    return tiny_source(tmp_path_factory.mktemp(request.param) / "source", layers=4, arch=request.param)
+
+
+def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(any_source, recipe, tmp_path):
+    source = any_source
     seq = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "seq", progress=False))
     par = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "par", mode="parallel", progress=False))
     assert seq.keys() == par.keys()

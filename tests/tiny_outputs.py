@@ -12,8 +12,8 @@ TEXT = DATA / "wiki.test.raw"
 RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn, bits: 8, group_size: 64, symmetric: true}\n"
 
 
-def tiny_source(directory: Path, layers: int = 2, **config) -> Path:
-    """A Hugging Face directory: tiny random Llama + BPE tokenizer of vocab <= 128."""
+def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", **config) -> Path:
+    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2) + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -24,14 +24,15 @@ def tiny_source(directory: Path, layers: int = 2, **config) -> Path:
     bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>"], limit_alphabet=100, show_progress=False))
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = transformers.AutoConfig.for_model(
+        arch,
         **{
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True,
             **config,
         }
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -27,6 +27,8 @@ the whole model in memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -74,6 +76,18 @@ class _Captured(Exception):
 
 class _Catcher(nn.Module):
     """Stands in for layer 0 to capture what the decoder passes it."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: only read
+
+    def __getattr__(self, name: str):
+        # the decoder may read the layer's own attributes before calling it
+        # (Qwen2 in transformers 4.57 picks its mask by `attention_type`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden, **kwargs):
         raise _Captured(hidden, kwargs)
@@ -128,7 +142,7 @@ class LayerDriver:
         """The hidden states entering layer 0, (sequences, tokens, hidden)."""
         out = []
         first = self.layers[0]
-        self.layers[0] = _Catcher()
+        self.layers[0] = _Catcher(first)
         decoder = self.model.get_submodule(self.arch.decoder)
         try:
             embedding = self.model.get_submodule(self.arch.embed)
@@ -235,6 +249,34 @@ class LayerDriver:
             self.layers[piece.index] = self.layers[piece.index].to("meta")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None  # glibc only
+
+
+def _fix_mmap_threshold() -> None:
+    """Allocate buffers of 8 MB and more with mmap, so freeing one returns it
+    to the system. glibc's threshold otherwise adapts up to 32 MB and freed
+    layer-sized buffers stay on its heaps: resident memory crept up by about
+    one float32 layer per layer while the live tensors stayed the same
+    (measured on a 1024-wide model: 0.59 -> 0.80 GiB over 8 layers; fixed:
+    0.44 flat, same speed)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
+
+
+def _return_freed_memory() -> None:
+    """Give the heaps' free pages (buffers under the threshold) back to the system."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def convert_layers(
     model,
     source,
@@ -250,6 +292,7 @@ def convert_layers(
     """Compress `model` (a meta-device skeleton of `source`) layer by layer,
     yielding each finished `Piece`; the caller writes it before the next.
     With a scoring `allocation` the pieces only fill its options."""
+    _fix_mmap_threshold()
     driver = LayerDriver(model, source, steps, mode, torch.device(device), allocation)
     start = 0
     if resume is not None:
@@ -266,6 +309,7 @@ def convert_layers(
             hidden = piece.hidden
             yield piece
             driver.release(piece)
+            _return_freed_memory()
             bar.update()
         bar.set_postfix_str("output projection")
         yield driver.head(hidden, calibration)
