@@ -93,7 +93,7 @@ def _float32(t: torch.Tensor) -> np.ndarray:
 def _lora_tensor(name: str, t: torch.Tensor, order) -> Tensor:
     type_name = "F16" if t.dtype == torch.float16 else "F32"
     array = (lambda: t.detach().contiguous().numpy()) if type_name == "F16" else (lambda: _float32(t))
-    return Tensor(name, type_name, tuple(t.shape), np.dtype(np.float16 if type_name == "F16" else np.float32), lambda: _rows(array(), order))
+    return Tensor(name, type_name, *_stored_shape(tuple(t.shape), type_name), lambda: _rows(array(), order))
 
 
 def _base_source(module) -> str:
@@ -147,7 +147,7 @@ class Planner:
 
     def _float(self, name: str, t: torch.Tensor, order=None) -> None:
         make = lambda: _rows(_float32(t), order)  # noqa: E731
-        self.plan.tensors.append(Tensor(name, "F32", tuple(t.shape), np.dtype(np.float32), make))
+        self.plan.tensors.append(Tensor(name, "F32", *_stored_shape(tuple(t.shape), "F32"), make))
         self._remember(name, make)
 
     def _remember(self, name: str, dense: Callable[[], np.ndarray]) -> None:
