@@ -120,6 +120,7 @@ def convert(
         (tmp / "report" / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
         if exporters:
             compressed, tokenizer = safetensors_dir.load(tmp / SAFETENSORS)
+            compressed.config._name_or_path = source.name  # what exporters name the model (GGUF general.name)
             for name, export_to in exporters.items():
                 _export_into(export_to, name, compressed, tokenizer, tmp, (export_options or {}).get(name, {}), progress)
         finished(tmp)
@@ -348,11 +349,14 @@ def load(path: str | Path, verify: bool = True):
     """(model, tokenizer) from a factorport output directory or its safetensors
     directory; its files are checked against manifest.json first when there is
     one (a bare safetensors directory has none)."""
-    check_manifest(path, verify)
+    info = check_manifest(path, verify)
     directory = find_artifact(path)
     if directory is None:
         raise FactorportError(f"{path} is not a factorport artifact (no {SAFETENSORS}/{safetensors_dir.WEIGHTS})")
-    return safetensors_dir.load(directory)
+    model, tokenizer = safetensors_dir.load(directory)
+    if info:  # named after its source, not the directory it was loaded from
+        model.config._name_or_path = info["source"]["name"]
+    return model, tokenizer
 
 
 def load_any(model_or_dir: str | None):

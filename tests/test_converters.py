@@ -19,6 +19,7 @@ from factorport.converters import (
     calibrate,
     check,
 )
+from factorport.converters.lowrank import input_transform
 from factorport.converters.quantize import InverseHessian, clipped_group_params, gptq
 from factorport.converters.ranks import Candidate, RankPolicy, allocate
 from factorport.converters.report import model_params, module_params, output_error
@@ -134,6 +135,21 @@ def test_whitened_error_is_discarded_spectrum(llama, stats_for):
     expected = float((s[10:] ** 2).sum() / (s**2).sum())
     assert report.calib_error == pytest.approx(expected, rel=1e-3)
     assert report.calib_error == pytest.approx(output_error(w, llama.get_submodule(name).to_dense(), xtx), rel=1e-6)
+
+
+def test_whitening_factors_a_singular_gram_matrix():
+    """Fewer calibration tokens than inputs and a dead channel make XᵀX
+    singular, and a damping far below float64's precision cannot make it
+    factorizable: the damping grows until it can, and S·Sᵀ still is XᵀX."""
+    x = torch.randn(8, 32, dtype=torch.float64)
+    x[:, 5] = 0
+    xtx = x.T @ x
+    whitening = input_transform("whitened", xtx, 0.0, 1e-20)
+    scale = whitening.scale
+    assert torch.equal(scale, scale.tril())
+    torch.testing.assert_close(scale @ scale.T, xtx, atol=1e-6 * float(xtx.diagonal().mean()), rtol=0)
+    w = torch.randn(3, 32, dtype=torch.float64)
+    torch.testing.assert_close(whitening.undo(whitening.apply(w)), w)
 
 
 @pytest.mark.parametrize("rank", [2, 8, 20])

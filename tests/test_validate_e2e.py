@@ -44,6 +44,23 @@ def artifact(tmp_path_factory):
     return out
 
 
+def test_gguf_is_named_after_the_source_model(artifact, tmp_path):
+    """Not after the staging directory it was exported from, on convert and on a later export."""
+    from gguf import GGUFReader
+
+    from factorport.api import export
+
+    def name_in(path: Path) -> str:
+        field = GGUFReader(path).fields["general.name"]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    expected = json.loads((artifact / "manifest.json").read_text())["source"]["name"]
+    assert name_in(artifact / "gguf" / "model.gguf") == expected
+    copy = _copy(artifact, tmp_path)
+    export(copy, ["gguf"], force=True, progress=False)
+    assert name_in(copy / "gguf" / "model.gguf") == expected
+
+
 def _validate(out: Path, tmp: Path, *extra: str) -> tuple[int, dict, str]:
     json_path, junit = tmp / "v.json", tmp / "v.xml"
     status = main(["validate", str(out), "--windows", "2", "--json", str(json_path), "--junit", str(junit), "--quiet", *extra])

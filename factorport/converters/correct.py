@@ -35,7 +35,7 @@ class CorrectConfig:
     shared: bool = True
     ranks: RankPolicy = RankPolicy(rank=32)
     factor_dtype: str = "float16"
-    damping: float = 1e-6
+    damping: float = 1e-6  # whitening: fraction of mean(diag XᵀX) added to the diagonal
     sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
     # shared: each member's error enters the stacked SVD divided by the norm of
     # its own output ‖W·Xᵀ‖, so the shared V minimises the sum of the members'
@@ -69,8 +69,8 @@ def correct_(
     def decompose(unit: tuple[str, ...]) -> Spectrum:
         started = time.perf_counter()
         modules = [model.get_submodule(n) for n in unit]
-        transform = input_transform("whitened", stats.xtx(unit[0], config.sink_weight), 0.0, config.damping)
-        p, s, right, reference = stacked_error_svd([originals[n] for n in unit], [m.base.to_dense() for m in modules], transform, config.balance_members)
+        whitening = input_transform("whitened", stats.xtx(unit[0], config.sink_weight), 0.0, config.damping)
+        p, s, right, reference = stacked_error_svd([originals[n] for n in unit], [m.base.to_dense() for m in modules], whitening, config.balance_members)
         found = candidate(unit_name(unit), p, right, s, 0, dtype, reference_energy=reference)  # dense bytes: unused for corrections
         return Spectrum(unit, p, s, right, found, time.perf_counter() - started)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .calibration import CalibrationStats
-from .lowrank import Allocation, Spectrum, attach_factors, candidate, factor_dtype, input_transform, low_rank_, svd_of, units_of
+from .lowrank import Allocation, Spectrum, Whitening, attach_factors, candidate, factor_dtype, input_transform, low_rank_, svd_of, units_of
 from .ranks import RankPolicy
 from .report import LayerReport
 from .targets import compressible_linears
@@ -33,7 +33,7 @@ class FactorizeConfig:
     ranks: RankPolicy = RankPolicy()
     asvd_alpha: float = 0.5
     factor_dtype: str | None = None  # default: the weight's dtype
-    damping: float = 1e-6
+    damping: float = 1e-6  # whitening: fraction of mean(diag XᵀX) added to the diagonal
     # weight of each sequence's first token in XᵀX (see QuantizeConfig.sink_weight);
     # 1 measured best for SVD: svd-90 perplexity 58.4 at weight 1, 70.7 at 32
     sink_weight: float = 1.0
@@ -58,7 +58,7 @@ def factorize_(
     check_factorize(model, config)
     if config.method != "plain" and stats is None:
         raise ValueError(f"factorize method '{config.method}' needs calibration statistics")
-    transforms: dict[str, object] = {}  # per input: q, k and v share theirs
+    transforms: dict[str, Whitening | None] = {}  # per input: q, k and v share theirs
 
     def decompose(unit: tuple[str, ...]) -> Spectrum:
         (name,) = unit

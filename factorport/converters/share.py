@@ -34,7 +34,7 @@ class ShareConfig:
     targets: tuple[str, ...] = ("linears",)
     ranks: RankPolicy = RankPolicy()
     factor_dtype: str | None = None  # default: the weights' dtype
-    damping: float = 1e-6
+    damping: float = 1e-6  # whitening: fraction of mean(diag XᵀX) added to the diagonal
     sink_weight: float = 1.0  # weight of each sequence's first token in XᵀX
     across_layers: int = 1  # >1: share V per projection type over this many consecutive layers
 
@@ -81,8 +81,8 @@ def share_(
         linears = [model.get_submodule(n) for n in group]
         started = time.perf_counter()
         stacked = torch.cat([m.weight.detach() for m in linears])
-        transform = input_transform("whitened", _group_xtx(stats, group, config.sink_weight), 0.0, config.damping)
-        p, s, right = svd_of(stacked, transform)
+        whitening = input_transform("whitened", _group_xtx(stats, group, config.sink_weight), 0.0, config.damping)
+        p, s, right = svd_of(stacked, whitening)
         dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         found = candidate(unit_name(group), p, right, s, dense_bytes, factor_dtype(config, linears[0]))
         return Spectrum(group, p, s, right, found, time.perf_counter() - started)
