@@ -9,8 +9,9 @@ same logits bit for bit.
 Writing streams: a layer-by-layer conversion writes each finished decoder
 layer as a *piece* (a safetensors file holding that layer's tensors, its
 layout fragment and its reports) into the staging directory, and `assemble`
-turns the pieces into the final file or shards. `write_file` writes one
-tensor at a time from its own memory, never a second copy of the model.
+turns the pieces into the final file (copied byte range by byte range) or
+shards. `write_file` writes one tensor at a time from its own memory, never a
+second copy of the model.
 
 Reading is checked before anything is built (docs/FORMAT.md, "What a reader
 checks"): the safetensors header is parsed here, bounded by the file size;
@@ -117,19 +118,17 @@ _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 
 
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file, streamed tensor by tensor from the tensors' own
-    memory (safetensors' `save_file` first builds the whole file in memory:
-    a second copy of an 8B model's embedding). Tensors are laid out in name
-    order, which `_check_write_order` also accepts. Written to a temporary
-    name and renamed, so a crash never leaves a half-written file."""
-    names = sorted(tensors)
+def _write_streamed(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str], write_bytes) -> None:
+    """A safetensors file with `entries`' header, `write_bytes(fh, name)`
+    writing each tensor's bytes in name order (which `_check_write_order`
+    accepts). Written to a temporary name and renamed, so a crash never
+    leaves a half-written file."""
+    names = sorted(entries)
     header, offset = {"__metadata__": metadata}, 0
     for name in names:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+        e = entries[name]
+        header[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the spec pads the header with spaces to 8 bytes
     tmp = path.with_name(f".{path.name}.tmp")
@@ -137,10 +136,46 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         fh.write(struct.pack("<Q", len(encoded)))
         fh.write(encoded)
         for name in names:
-            t = tensors[name].detach().cpu().contiguous()
-            if t.numel():
-                fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            write_bytes(fh, name)
     os.replace(tmp, path)
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file, streamed tensor by tensor from the tensors' own
+    memory (safetensors' `save_file` first builds the whole file in memory:
+    a second copy of an 8B model's embedding)."""
+
+    def write_bytes(fh, name: str) -> None:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.numel():
+            fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+    entries = {name: TensorEntry(_CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
+    _write_streamed(path, entries, metadata, write_bytes)
+
+
+def merge_files(paths: list[Path], path: Path, metadata: dict[str, str], chunk: int = 16 << 20) -> None:
+    """One safetensors file holding every tensor of `paths` (headers checked),
+    copied from them byte range by byte range: a chunk in memory, never a tensor."""
+    sources: dict[str, tuple[Path, int, TensorEntry]] = {}
+    for source in paths:
+        entries, _ = read_header(source)
+        data_start = source.stat().st_size - sum(e.nbytes for e in entries.values())  # the tensors tile the data section
+        sources.update({name: (source, data_start + e.offset, e) for name, e in entries.items()})
+
+    def copy_bytes(fh, name: str) -> None:
+        source, begin, entry = sources[name]
+        with open(source, "rb") as src:
+            src.seek(begin)
+            left = entry.nbytes
+            while left:
+                block = src.read(min(left, chunk))
+                if not block:
+                    raise _corrupted(source, f"tensor {name!r} ends before its data_offsets say")
+                fh.write(block)
+                left -= len(block)
+
+    _write_streamed(path, {name: entry for name, (_, _, entry) in sources.items()}, metadata, copy_bytes)
 
 
 # ------------------------------------------------------------------ pieces
@@ -185,10 +220,7 @@ def assemble(staging: Path, directory: Path, model_type: str, tied: bool, max_sh
     meta = layout(model_type, tied, [(i["linears"], i["shared"]) for i in infos])
     total = sum(p.stat().st_size for p in pieces)
     if total <= max_shard_bytes:
-        tensors = {}
-        for path in pieces:
-            tensors.update(read_file_tensors(path))
-        write_file(directory / WEIGHTS, tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)})
+        merge_files(pieces, directory / WEIGHTS, {"format": "pt", METADATA_KEY: json.dumps(meta)})
         shutil.rmtree(staging / PIECES)
         return meta
     weight_map, size = {}, 0
