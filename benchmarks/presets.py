@@ -1,6 +1,7 @@
 """Convert the embedded SmolLM2-135M with every preset, in each calibration
 mode (sequential: each layer fitted to what the compressed layers before it
-produce; parallel: every layer's statistics from the dense model), and print,
+produce; parallel: every layer's statistics from the dense model; asymmetric:
+sequential inputs aimed at the dense model's outputs), and print,
 per preset: linear-layer parameters and bytes against the dense model,
 perplexity on WikiText-2 test per mode next to dense, and convert seconds.
 A recipe that needs the whole model at once runs once ("whole model").
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import factorport
 from factorport.formats.summary import inspect_artifact
+from factorport.converters.calibration import MODES
 from factorport.recipe import presets
 
 ORDER = ["svd-90", "svd-90-uniform", "svd-90-plain", "w4-rtn", "w4-gptq", "w8-rtn", "glowq-w4", "eora-w4"]
-MODES = ("sequential", "parallel")
 
 
 def convert_and_score(name: str, mode: str, out: Path, args, dense_linear_params: int) -> dict:

@@ -140,7 +140,7 @@ def convert(source: Path, output: Path, recipe: str, args) -> dict:
     """`factorport convert` in a child process: its report, peak RSS, wall time and compressed bytes."""
     run = run_child(
         "convert", str(source), "--recipe", recipe, "--output", str(output), "--calib-samples", str(args.calib_samples),
-        "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force",
+        "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force", *(["--resume"] if args.resume else []),
     )
     report = json.loads((output / "report" / "convert.json").read_text())
     compressed = sum(p.stat().st_size for p in (output / "safetensors").glob("*.safetensors"))
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--workdir", type=Path, default=Path("scale-work"))
     parser.add_argument("--keep", action="store_true", help="keep the random models and outputs")
+    parser.add_argument("--resume", action="store_true", help="with --model: continue interrupted conversions (wall time then counts this run only; the report's per-layer seconds count every run)")
     args = parser.parse_args()
     if args.model:
         args.calib_samples = args.calib_samples or 32

@@ -70,7 +70,8 @@ def convert(
     The model is converted one decoder layer at a time (`converters.pipeline`);
     `mode` ("sequential", the default, or "parallel") says whether a layer's
     calibration inputs come from the compressed or the original layers before
-    it, `device` where the forward passes run ("cuda" when available). Each
+    it ("asymmetric": from the compressed ones, each linear aiming at the
+    original model's outputs), `device` where the forward passes run ("cuda" when available). Each
     finished layer is written to OUTPUT's `.partial` directory, which an
     interrupted run keeps and `resume=True` continues. `on_layer(i)` is called
     after layer i is written."""
@@ -193,7 +194,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
     state = None
     if resume and (tmp / STATE).is_file():
         tensors, info = safetensors_dir.load_state(tmp / STATE)
-        state = Resume(info["next_layer"], tensors.get("hidden"))
+        state = Resume(info["next_layer"], tensors.get("hidden"), tensors.get("dense_hidden"))
         if progress:
             print(f"factorport: resuming {tmp} at layer {state.layer}")
     elif resume and safetensors_dir.piece_files(tmp):
@@ -213,7 +214,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         safetensors_dir.write_piece(tmp, name, tensors, fragment, [r.to_dict() for r in piece.reports], piece.seconds, piece.calibration_seconds)
         del tensors  # the layer's memory goes when the driver releases it, before it reads the next
         if piece.index >= 0:
-            hidden = {} if piece.hidden is None else {"hidden": piece.hidden}
+            hidden = {k: t for k, t in (("hidden", piece.hidden), ("dense_hidden", piece.dense_hidden)) if t is not None}
             safetensors_dir.save_state(tmp / STATE, hidden, {"next_layer": piece.index + 1})
             if on_layer is not None:
                 on_layer(piece.index)

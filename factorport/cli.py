@@ -251,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
     p.add_argument(
-        "--calib-mode", choices=("sequential", "parallel"),
+        "--calib-mode", choices=("sequential", "parallel", "asymmetric"),
         help="sequential (default): each layer calibrated on what the compressed layers before it produce; "
-        "parallel: every layer on the original model's activations",
+        "parallel: every layer on the original model's activations; asymmetric: sequential inputs, "
+        "each linear aiming at the original model's outputs",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="where calibration forward passes run (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion from its last finished layer")

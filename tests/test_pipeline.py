@@ -97,6 +97,39 @@ def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(any_sou
         torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
 
 
+def test_asymmetric_targets_are_the_least_squares_fit_to_dense_outputs():
+    """W' = W + W·E·(XᵀX)⁻¹ is the least-squares map from the inputs a layer
+    gets to the uncompressed outputs, and for any Ŵ the asymmetric error is
+    the error against W' on those inputs plus a constant."""
+    from factorport.converters.calibration import CalibrationStats
+    from factorport.converters.pipeline import aim_at_dense_outputs_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    dense = x + 0.3 * torch.randn(200, 12, generator=g, dtype=torch.float64)  # the uncompressed model's inputs
+    linear = torch.nn.Linear(12, 5, bias=False).double()
+    w = linear.weight.detach().clone()
+    stats = CalibrationStats({"l": x.T @ x}, {"l": "l"}, 200, shifts={"l": (dense - x).T @ x})
+    aim_at_dense_outputs_(torch.nn.ModuleDict({"l": linear}), ["l"], stats, damping=0.0, share=1.0)
+    target = linear.weight.detach()
+    torch.testing.assert_close(target, torch.linalg.lstsq(x, dense @ w.T).solution.T)
+    errors = []
+    for _ in range(3):
+        guess = torch.randn(5, 12, generator=g, dtype=torch.float64)
+        errors.append(float((dense @ w.T - x @ guess.T).pow(2).sum() - (x @ (target - guess).T).pow(2).sum()))
+    assert max(errors) - min(errors) < 1e-8 * abs(errors[0]) and errors[0] > 0
+
+
+def test_asymmetric_is_sequential_aimed_at_the_uncompressed_model(source, recipe, tmp_path):
+    """Layer 0 sees the uncompressed model's inputs either way (nothing to aim
+    at: sequential's result, bit for bit); later layers differ."""
+    seq = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "seq", progress=False))
+    asym = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "asym", mode="asymmetric", progress=False))
+    assert asym.keys() == seq.keys()
+    assert all(torch.equal(asym[k], seq[k]) for k in asym if k.startswith("model.layers.0."))
+    assert not torch.equal(asym["model.layers.3.mlp.down_proj.base.codes"], seq["model.layers.3.mlp.down_proj.base.codes"])
+
+
 BUDGET_RECIPE = """name: tiny-budget
 calibration: {samples: 4, seq_len: 64}
 steps:
@@ -164,7 +197,8 @@ factorport.convert(sys.argv[1], recipe=sys.argv[2], output=sys.argv[3], progress
 """
 
 
-@pytest.mark.parametrize("text", [RECIPE, BUDGET_RECIPE], ids=["per-layer", "two-pass"])
+@pytest.mark.parametrize("text", [RECIPE, BUDGET_RECIPE, RECIPE.replace("seq_len: 64", "seq_len: 64, mode: asymmetric")],
+                         ids=["per-layer", "two-pass", "asymmetric"])
 def test_resume_after_kill_is_bit_identical(source, text, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)

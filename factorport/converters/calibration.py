@@ -33,6 +33,9 @@ class CalibrationStats:
     first_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # input key -> (sequences, in)
     source: str = ""
     seconds: float = 0.0
+    # mode asymmetric: input key -> (X_dense - X)ᵀX (in, in) float64, X_dense the
+    # same tokens' input in the uncompressed model
+    shifts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def xtx(self, name: str, sink_weight: float = 1.0) -> torch.Tensor:
         """XᵀX of a linear's input, the first token of each sequence counted `sink_weight` times."""
@@ -68,11 +71,13 @@ class CalibrationConfig:
     seq_len: int = 512
     # sequential: each layer's statistics come from the inputs the already
     # compressed layers produce (GPTQ's reference, llm-compressor); parallel:
-    # every layer's from the uncompressed model.
+    # every layer's from the uncompressed model; asymmetric: sequential
+    # inputs, and each linear aims at the uncompressed model's output on the
+    # same tokens (GPTAQ) instead of its own dense output on the inputs it gets.
     mode: str = "sequential"
 
 
-MODES = ("sequential", "parallel")
+MODES = ("sequential", "parallel", "asymmetric")
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", ".text")
@@ -143,13 +148,18 @@ class GramCollector:
     tensors allocated between the forwards' temporaries fragment the heap, and
     resident memory then grew ~500 MB per sequence."""
 
-    def __init__(self, model, names, sequences: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model, names, sequences: int, device: torch.device | str = "cpu", shifts: bool = False) -> None:
         arch = arch_for(model.config)
         wanted = set(names)
         self.grams: dict[str, torch.Tensor] = {}
         self.first: dict[str, torch.Tensor] = {}
+        self.shifts: dict[str, torch.Tensor] = {}
         self.key_of: dict[str, str] = {}
         self.sequence = 0  # which sequence the next forward is
+        # with shifts: a forward while `recording` keeps the uncompressed
+        # model's inputs, the next (same tokens) counts (X_dense - X)ᵀX
+        self.recording = False
+        self._dense: dict[str, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
         self._hooks = []
         for group in input_groups(model, arch):
@@ -163,11 +173,16 @@ class GramCollector:
             self.grams[key] = torch.zeros(width, width, dtype=torch.float64, device=device)
             self._scratch[key] = torch.empty(width, width, device=device)
             self.first[key] = torch.empty(sequences, width, device=device)
+            if shifts:
+                self.shifts[key] = torch.zeros(width, width, dtype=torch.float64, device=device)
             self._hooks.append(model.get_submodule(key).register_forward_pre_hook(self._hook(key)))
 
     def _hook(self, key: str):
         def hook(module, args):
-            self.add(key, args[0])
+            if self.recording:
+                self._dense[key] = args[0].detach().float().clone()
+            else:
+                self.add(key, args[0])
 
         return hook
 
@@ -178,6 +193,10 @@ class GramCollector:
         torch.mm(x.T, x, out=self._scratch[key])
         self.grams[key] += self._scratch[key]
         self.first[key][self.sequence : self.sequence + hidden.shape[0]] = hidden[:, 0]
+        if key in self.shifts:
+            dense = self._dense.pop(key).reshape(x.shape)
+            torch.mm((dense - x).T, x, out=self._scratch[key])
+            self.shifts[key] += self._scratch[key]
 
     def close(self) -> None:
         for h in self._hooks:
@@ -187,7 +206,7 @@ class GramCollector:
 
     def stats(self, tokens: int, source: str, seconds: float) -> CalibrationStats:
         self.close()
-        return CalibrationStats(self.grams, self.key_of, tokens, self.first, source, seconds)
+        return CalibrationStats(self.grams, self.key_of, tokens, self.first, source, seconds, self.shifts)
 
 
 def describe_source(config: CalibrationConfig, sequences: list[torch.Tensor]) -> str:

@@ -12,6 +12,9 @@ layer in turn the driver
    next layer its inputs (`mode: sequential`: each layer is fitted to what the
    compressed layers before it produce), or keeps the uncompressed outputs of
    step 2 (`mode: parallel`: every layer's statistics from the dense model);
+   `mode: asymmetric` is sequential, and also carries the uncompressed
+   model's hidden states alongside, so that each linear aims at the
+   uncompressed model's output (`aim_at_dense_outputs_`);
 5. hands the layer to the caller (which writes it) and frees it.
 
 The output projection comes last, with the final norm's output as its input.
@@ -60,6 +63,7 @@ class Piece:
     hidden: torch.Tensor | None  # (sequences, tokens, hidden) entering the next layer; None after the last
     seconds: float = 0.0
     calibration_seconds: float = 0.0  # of `seconds`: the forward passes and XᵀX
+    dense_hidden: torch.Tensor | None = None  # mode asymmetric: the uncompressed model's `hidden`
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Resume:
 
     layer: int
     hidden: torch.Tensor | None
+    dense_hidden: torch.Tensor | None = None
 
 
 class _Captured(Exception):
@@ -109,6 +114,7 @@ class LayerDriver:
         self.layers = self.model.get_submodule(self.arch.layers)
         self._load_embedding()
         self._kwargs: dict | None = None
+        self.dense_hidden: torch.Tensor | None = None  # mode asymmetric: the uncompressed model's hidden states
 
     # ----------------------------------------------------------- the source
 
@@ -167,12 +173,21 @@ class LayerDriver:
     def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None, keep: bool = True) -> None:
         """Run `hidden` through `layer`, batch by batch; with `keep`, each
         batch's output replaces its input in place (sequences are independent),
-        so the calibration activations exist once however many layers run."""
+        so the calibration activations exist once however many layers run.
+        With mode asymmetric and a collector, each batch of the uncompressed
+        model's hidden states runs first (recorded, and advanced in place)."""
         kwargs = self._layer_kwargs(hidden.shape[1])
         # batched as `collect` batches the whole model (and one dequantization
         # of a compressed layer per batch)
         batch = max(1, BATCH_TOKENS // hidden.shape[1])
+        paired = collector is not None and self.mode == "asymmetric"
         for i in range(0, hidden.shape[0], batch):
+            if paired:
+                collector.recording = True
+                dense = self.dense_hidden[i : i + batch]
+                result = layer(dense, **kwargs)
+                dense[:] = result[0] if isinstance(result, tuple) else result
+                collector.recording = False
             if collector is not None:
                 collector.sequence = i
             result = layer(hidden[i : i + batch], **kwargs)
@@ -206,20 +221,24 @@ class LayerDriver:
         if hidden is None:  # a recipe without calibration: nothing runs through the model
             return Piece(index, prefix, names, self._compress(names, None, layer), None, time.perf_counter() - started)
         read = time.perf_counter()
-        collector = GramCollector(self.model, names, hidden.shape[0], self.device)
+        asymmetric = self.mode == "asymmetric"
+        collector = GramCollector(self.model, names, hidden.shape[0], self.device, shifts=asymmetric)
         # sequential: the uncompressed outputs only feed the statistics; the
         # compressed layer's replace the inputs below. parallel: they are the next inputs
         self._forward(layer, hidden, collector, keep=self.mode == "parallel")
         stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
         del collector
+        if asymmetric:
+            aim_at_dense_outputs_(self.model, names, stats)
         calibrated = time.perf_counter()
         reports = self._compress(names, stats, layer)
         compressed_at = time.perf_counter()
         compressed = self.layers[index]  # the steps replaced its linears in place
-        if self.mode == "sequential":
+        if self.mode != "parallel":
             self._forward(compressed, hidden)
         done = time.perf_counter()
-        return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at))
+        return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at),
+                     self.dense_hidden)
 
     def head(self, hidden: torch.Tensor | None, calibration: str) -> Piece:
         """Embedding, final norm and output projection: compressed when a step targets the lm_head."""
@@ -247,6 +266,34 @@ class LayerDriver:
         """Free a written layer: its modules stay as meta-device shapes."""
         if piece.index >= 0:
             self.layers[piece.index] = self.layers[piece.index].to("meta")
+
+
+ASYMMETRIC_DAMPING = 0.01  # of mean(diag XᵀX), as GPTQ damps its Hessian
+# how far towards the least-squares target a linear moves: GPTAQ's reference
+# scales its asymmetric term by 0.25; the full step (1.0) overfits the drift
+# (SmolLM2 w4-gptq: 33.19 sequential -> 114 with 1.0)
+ASYMMETRIC_SHARE = 0.25
+
+
+@torch.no_grad()
+def aim_at_dense_outputs_(model, names: list[str], stats, damping: float = ASYMMETRIC_DAMPING, share: float = ASYMMETRIC_SHARE) -> None:
+    """Move each linear's W towards the W' its asymmetric objective reduces to:
+    with X its inputs here and X_d the uncompressed model's on the same
+    tokens, ‖X_d·Wᵀ - X·Ŵᵀ‖² = ‖X·(W' - Ŵ)ᵀ‖² + const for
+    W' = W + W·E·(XᵀX)⁻¹, E = (X_d - X)ᵀX (least squares), so every step fits
+    its target on X exactly as in sequential mode; the target is
+    W + share·(W' - W). The damping shrinks W' towards W where X determines
+    the shift poorly."""
+    for key in dict.fromkeys(stats.key_of[n] for n in names):
+        h = stats.grams[key].clone()
+        h.diagonal().add_(damping * float(h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)))
+        shift = torch.cholesky_solve(stats.shifts[key].T.contiguous(), torch.linalg.cholesky(h)).T  # E·(XᵀX)⁻¹
+        del h
+        for name in names:
+            if stats.key_of[name] == key:
+                w = model.get_submodule(name).weight
+                w.copy_(torch.addmm(w.double(), w.double(), shift, alpha=share))
+        del shift
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -299,8 +346,12 @@ def convert_layers(
     start = 0
     if resume is not None:
         start, hidden = resume.layer, None if resume.hidden is None else resume.hidden.to(driver.device)
+        if resume.dense_hidden is not None:
+            driver.dense_hidden = resume.dense_hidden.to(driver.device)
     else:
         hidden = driver.embed(sequences) if sequences else None
+        if mode == "asymmetric" and hidden is not None:
+            driver.dense_hidden = hidden.clone()
     count = len(driver.layers)
     desc = "score" if allocation is not None and allocation.scoring else "convert"
     bar = tqdm(total=count + 1, initial=start, desc=desc, unit="layer", disable=not progress)
