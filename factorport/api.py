@@ -71,9 +71,9 @@ def convert(
     `mode` ("sequential", the default, or "parallel") says whether a layer's
     calibration inputs come from the compressed or the original layers before
     it ("asymmetric": from the compressed ones, each linear aiming at the
-    original model's outputs), `device` where the forward passes run ("cuda" when available). Each
-    finished layer is written to OUTPUT's `.partial` directory, which an
-    interrupted run keeps and `resume=True` continues. `on_layer(i)` is called
+    original model's outputs), `device` where the forward passes run ("cuda"
+    when available). Each finished layer is written to OUTPUT's `.partial`
+    directory, which an interrupted run keeps and `resume=True` continues. `on_layer(i)` is called
     after layer i is written."""
     formats = [f for f in formats if f != SAFETENSORS]
     exporters = {name: exporter(name) for name in formats}  # unknown names fail before any work

@@ -45,7 +45,7 @@ from ..architectures import arch_for
 from ..errors import FactorportError
 from . import apply
 from .calibration import BATCH_TOKENS, MODES, GramCollector
-from .lowrank import Allocation
+from .lowrank import Allocation, input_transform
 from .report import LayerReport
 from .targets import compressible_linears, scope
 
@@ -181,18 +181,21 @@ class LayerDriver:
         # of a compressed layer per batch)
         batch = max(1, BATCH_TOKENS // hidden.shape[1])
         paired = collector is not None and self.mode == "asymmetric"
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            result = layer(x, **kwargs)
+            return result[0] if isinstance(result, tuple) else result
+
         for i in range(0, hidden.shape[0], batch):
             if paired:
                 collector.recording = True
-                dense = self.dense_hidden[i : i + batch]
-                result = layer(dense, **kwargs)
-                dense[:] = result[0] if isinstance(result, tuple) else result
+                self.dense_hidden[i : i + batch] = run(self.dense_hidden[i : i + batch])
                 collector.recording = False
             if collector is not None:
                 collector.sequence = i
-            result = layer(hidden[i : i + batch], **kwargs)
+            result = run(hidden[i : i + batch])
             if keep:
-                hidden[i : i + batch] = result[0] if isinstance(result, tuple) else result
+                hidden[i : i + batch] = result
 
     # --------------------------------------------------------------- steps
 
@@ -285,10 +288,9 @@ def aim_at_dense_outputs_(model, names: list[str], stats, damping: float = ASYMM
     W + share·(W' - W). The damping shrinks W' towards W where X determines
     the shift poorly."""
     for key in dict.fromkeys(stats.key_of[n] for n in names):
-        h = stats.grams[key].clone()
-        h.diagonal().add_(damping * float(h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)))
-        shift = torch.cholesky_solve(stats.shifts[key].T.contiguous(), torch.linalg.cholesky(h)).T  # E·(XᵀX)⁻¹
-        del h
+        factor = input_transform("whitened", stats.grams[key], 0.0, damping).scale  # damped XᵀX's Cholesky factor
+        shift = torch.cholesky_solve(stats.shifts[key].T.contiguous(), factor).T  # E·(XᵀX)⁻¹
+        del factor
         for name in names:
             if stats.key_of[name] == key:
                 w = model.get_submodule(name).weight
