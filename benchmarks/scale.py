@@ -120,9 +120,10 @@ def write_random_model(directory: Path, layers: int, args) -> int:
         total += sum(t.numel() * 2 for t in tensors.values())
         weight_map.update({k: name for k in tensors})
         del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(directory)
+    # last, so that a directory with an index is complete (--resume reuses it)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
 
 
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--workdir", type=Path, default=Path("scale-work"))
     parser.add_argument("--keep", action="store_true", help="keep the random models and outputs")
-    parser.add_argument("--resume", action="store_true", help="with --model: continue interrupted conversions (wall time then counts this run only; the report's per-layer seconds count every run)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted conversions (with --keep; wall time and peak RSS then count this run only, the report's per-layer seconds every run)")
     args = parser.parse_args()
     if args.model:
         args.calib_samples = args.calib_samples or 32
@@ -220,8 +221,12 @@ def main() -> None:
     rows = []
     for layers in counts:
         source, output = args.workdir / f"random-{layers}", args.workdir / f"out-{layers}"
-        shutil.rmtree(source, ignore_errors=True)
-        disk = write_random_model(source, layers, args)
+        index = source / "model.safetensors.index.json"
+        if args.resume and index.exists():  # the interrupted run's model: its conversion continues
+            disk = json.loads(index.read_text())["metadata"]["total_size"]
+        else:
+            shutil.rmtree(source, ignore_errors=True)
+            disk = write_random_model(source, layers, args)
         run = convert(source, output, args.recipe, args)
         per_layer = run["report"]["layer_seconds"]
         median = statistics.median(per_layer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from factorport.ops import quant
 from factorport.ops.quant import (
     QuantSpec,
     decode,
@@ -177,6 +178,21 @@ def test_quantize_rtn_exact_on_grid_points():
     packed, scale, minimum = quantize_rtn(w, spec)
     assert torch.equal(unpack(packed, 4), codes)
     assert torch.equal(dequantize(packed, spec, scale, minimum), w)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(8, 64, False)], ids=("b4s", "b8a"))
+def test_rtn_in_row_chunks_equals_one_pass(spec, monkeypatch):
+    """A large table is quantized and decoded a few rows at a time (memory);
+    the codes, scales and weights are those of one pass over all rows."""
+    w = _weight(37, 128, seed=5)
+    whole = quantize_rtn(w, spec)
+    dense = dequantize(*whole[:1], spec, *whole[1:])
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 5 * 128)  # 8 chunks, the last of 2 rows
+    assert len(quant.row_chunks(37, 128)) == 8
+    chunked = quantize_rtn(w, spec)
+    for a, b in zip(whole, chunked):
+        assert a is None and b is None or torch.equal(a, b)
+    assert torch.equal(dequantize(*chunked[:1], spec, *chunked[1:]), dense)
 
 
 def test_group_size_must_divide_width():

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..ops.quant import row_chunks
+
 
 def module_bytes(module: nn.Module) -> int:
     """Bytes of the tensors a module stores (a shared projection is counted
@@ -50,11 +52,15 @@ def output_error(reference: torch.Tensor, approx: torch.Tensor, xtx: torch.Tenso
         return None
     # float32 products summed in float64: float64 products cost a 14336-wide
     # layer ~2x the time for digits a report does not show
+    # (in row chunks: a 150k-row output projection's products would be two
+    # more copies of it)
     h = xtx.float()
-    w = reference.float()
-    delta = w - approx.float()
-    num = (delta @ h).mul_(delta).sum(dtype=torch.float64)
-    den = (w @ h).mul_(w).sum(dtype=torch.float64)
+    num = den = torch.zeros((), dtype=torch.float64, device=h.device)
+    for rows in row_chunks(*reference.shape):
+        w = reference[rows].float()
+        delta = w - approx[rows].float()
+        num = num + (delta @ h).mul_(delta).sum(dtype=torch.float64)
+        den = den + (w @ h).mul_(w).sum(dtype=torch.float64)
     return float(num / den.clamp_min(1e-30))
 
 

@@ -118,21 +118,38 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((p & 0x0F, p >> 4), dim=-1).flatten(-2)
 
 
+# Rows per step of `quantize_rtn` and `dequantize`: their int32 and float
+# temporaries stay ~64 MB each, instead of several copies of a 150k-row
+# embedding table. Rows are independent, so the result is the same.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec):
     """Round-to-nearest: (packed codes, scale, minimum-or-None) for a 2-D weight."""
     rows, cols = w.shape
     spec.check_fits(cols)
-    g = w.float().reshape(rows, cols // spec.group_size, spec.group_size)
-    scale, minimum = group_params(g, spec)
-    codes = encode(g, spec, scale, minimum).reshape(rows, cols)
-    return pack(codes, spec), scale, minimum
+    parts = []
+    for chunk in row_chunks(rows, cols):
+        g = w[chunk].float().reshape(-1, cols // spec.group_size, spec.group_size)
+        scale, minimum = group_params(g, spec)
+        parts.append((pack(encode(g, spec, scale, minimum).reshape(-1, cols), spec), scale, minimum))
+    codes, scales, minima = zip(*parts)
+    return torch.cat(codes), torch.cat(scales), None if minima[0] is None else torch.cat(minima)
 
 
 def dequantize(
     packed: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, minimum: torch.Tensor | None
 ) -> torch.Tensor:
     """Float32 weight (rows, in) from stored codes."""
-    codes = unpack(packed, spec.bits)
-    rows, cols = codes.shape
-    g = codes.reshape(rows, cols // spec.group_size, spec.group_size)
-    return decode(g, spec, scale, minimum).reshape(rows, cols)
+    rows = packed.shape[0]
+    cols = packed.shape[1] * (2 if spec.bits == 4 else 1)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=packed.device)
+    for chunk in row_chunks(rows, cols):
+        g = unpack(packed[chunk], spec.bits).reshape(-1, cols // spec.group_size, spec.group_size)
+        out[chunk] = decode(g, spec, scale[chunk], None if minimum is None else minimum[chunk]).reshape(-1, cols)
+    return out
