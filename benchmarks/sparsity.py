@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import factorport
+from compression import decoder_linear_names  # benchmarks/compression.py
 from factorport.recipe import parse_recipe
 
 DEFAULT_GRID = "1x32:0.95,1x32:0.95:comp,1x16:0.95,1x4:0.9,1x4:0.9:comp,1x4:0.9:r16"
@@ -79,8 +80,7 @@ def main() -> None:
 
     dense, tokenizer = factorport.api.load_any(None)
     dense_ppl = factorport.perplexity(dense, tokenizer, windows=args.windows, progress=False)
-    linears = [m for n, m in dense.named_modules() if n.startswith("model.layers.") and hasattr(m, "in_features")]
-    dense_linear_bytes = 2 * sum(m.weight.numel() for m in linears)
+    dense_linear_bytes = 2 * sum(dense.get_submodule(n).weight.numel() for n in decoder_linear_names(dense))
     del dense
 
     entries = args.grid.split(",")

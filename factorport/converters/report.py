@@ -50,10 +50,9 @@ def output_error(reference: torch.Tensor, approx: torch.Tensor, xtx: torch.Tenso
     """Relative calibration output error ||(W - W')Xᵀ||² / ||W Xᵀ||² (None without statistics)."""
     if xtx is None:
         return None
-    # float32 products summed in float64: float64 products cost a 14336-wide
-    # layer ~2x the time for digits a report does not show
-    # (in row chunks: a 150k-row output projection's products would be two
-    # more copies of it)
+    # float32 products summed in float64 (float64 products cost a 14336-wide
+    # layer ~2x the time for digits a report does not show), in row chunks (a
+    # 150k-row output projection's products would be two more copies of it)
     h = xtx.float()
     num = den = torch.zeros((), dtype=torch.float64, device=h.device)
     for rows in row_chunks(*reference.shape):

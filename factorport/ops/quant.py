@@ -126,7 +126,8 @@ CHUNK_ELEMENTS = 1 << 24
 
 def row_chunks(rows: int, cols: int) -> list[slice]:
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    # at least one (maybe empty) chunk, so a zero-row weight quantizes too
+    return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), step)]
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec):
