@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import os
 import shutil
 import statistics
@@ -35,6 +34,7 @@ import numpy as np
 import factorport
 from factorport.converters import CalibrationConfig, apply, calibrate
 from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE, export
+from factorport.llamacpp.quantize import quantize_file
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.bandwidth import measure_bandwidth
@@ -56,15 +56,6 @@ steps:
 def tensor_types(path: Path) -> str:
     counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2 or t.tensor_type.name != "F32")
     return " ".join(f"{k}x{v}" for k, v in counts.most_common())
-
-
-def llamacpp_quantize_file(source: Path, target: Path, type_name: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"llama.cpp failed to quantize to {type_name}")
 
 
 def llamacpp_perplexity(directory: Path, windows: int, threads: int, adapter: bool = True) -> float:
@@ -151,7 +142,7 @@ def main() -> None:
     for type_name in args.types.split(","):
         theirs = work / f"llamacpp-{type_name}"
         theirs.mkdir()
-        llamacpp_quantize_file(work / "f32" / MODEL_FILE, theirs / MODEL_FILE, type_name)
+        quantize_file(work / "f32" / MODEL_FILE, theirs / MODEL_FILE, type_name)
         their_bytes = artifact_bytes(theirs)
         their_ppl = llamacpp_perplexity(theirs, args.windows, args.threads)
         best = None
@@ -159,7 +150,7 @@ def main() -> None:
             base_dir = work / f"llamacpp-{base}"
             if not base_dir.exists():
                 base_dir.mkdir()
-                llamacpp_quantize_file(work / "f32" / MODEL_FILE, base_dir / MODEL_FILE, base)
+                quantize_file(work / "f32" / MODEL_FILE, base_dir / MODEL_FILE, base)
             budget = int(SIZE_LIMIT * their_bytes - artifact_bytes(base_dir) - ADAPTER_OVERHEAD)
             if budget <= 0:
                 continue

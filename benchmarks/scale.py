@@ -15,6 +15,10 @@ more than the compressed bytes of the extra layers.
     .venv/bin/python benchmarks/scale.py --hidden 256 --ffn 512 --heads 4 --kv-heads 2 --vocab 49152   # a smoke run
 
 The tokenizer is the embedded SmolLM2's (its ids fit in the vocabulary).
+With --keep, each finished conversion's row is saved in the work directory;
+with --keep --resume, an interrupted conversion continues and a finished one
+is not repeated (its saved row is printed), so the table can be completed
+over several sessions.
 
     .venv/bin/python benchmarks/scale.py --model qwen2.5-coder-1.5b
 
@@ -139,9 +143,12 @@ def run_child(*arguments: str) -> dict:
 
 def convert(source: Path, output: Path, recipe: str, args) -> dict:
     """`factorport convert` in a child process: its report, peak RSS, wall time and compressed bytes."""
+    from factorport.staging import partial_dir
+
+    resume = args.resume and partial_dir(output).exists()  # an interrupted conversion to continue
     run = run_child(
         "convert", str(source), "--recipe", recipe, "--output", str(output), "--calib-samples", str(args.calib_samples),
-        "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force", *(["--resume"] if args.resume else []),
+        "--calib-seq-len", str(args.calib_seq_len), "--device", "cpu", "--quiet", "--force", *(["--resume"] if resume else []),
     )
     report = json.loads((output / "report" / "convert.json").read_text())
     compressed = sum(p.stat().st_size for p in (output / "safetensors").glob("*.safetensors"))
@@ -211,7 +218,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--workdir", type=Path, default=Path("scale-work"))
     parser.add_argument("--keep", action="store_true", help="keep the random models and outputs")
-    parser.add_argument("--resume", action="store_true", help="continue interrupted conversions (with --keep; wall time and peak RSS then count this run only, the report's per-layer seconds every run)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted conversions and reuse finished ones (with --keep; an interrupted one's wall time and peak RSS then count this run only, the report's per-layer seconds every run)")
     args = parser.parse_args()
     if args.model:
         args.calib_samples = args.calib_samples or 32
@@ -219,8 +226,14 @@ def main() -> None:
     args.calib_samples = args.calib_samples or 8
     counts = args.layers + ([32] if args.full else [])
     rows = []
+    setting = {k: getattr(args, k) for k in ("recipe", "calib_samples", "calib_seq_len", "hidden", "ffn", "heads", "kv_heads", "vocab")}
     for layers in counts:
         source, output = args.workdir / f"random-{layers}", args.workdir / f"out-{layers}"
+        saved = args.workdir / f"row-{layers}.json"  # a finished conversion's row, for --resume
+        if args.resume and saved.exists() and json.loads(saved.read_text())["setting"] == setting:
+            rows.append(json.loads(saved.read_text()))
+            print(f"{layers} layers: converted by an earlier run", flush=True)
+            continue
         index = source / "model.safetensors.index.json"
         if args.resume and index.exists():  # the interrupted run's model: its conversion continues
             disk = json.loads(index.read_text())["metadata"]["total_size"]
@@ -230,10 +243,12 @@ def main() -> None:
         run = convert(source, output, args.recipe, args)
         per_layer = run["report"]["layer_seconds"]
         median = statistics.median(per_layer)
-        rows.append({"layers": layers, "disk": disk, **run, "per_layer": per_layer, "median": median,
+        rows.append({"layers": layers, "setting": setting, "disk": disk, **run, "per_layer": per_layer, "median": median,
                      "fixed": run["report"]["seconds"] - sum(per_layer)})
         print(f"{layers} layers: peak RSS {run['peak_rss'] / 2**30:.2f} GiB, {median:.1f} s/layer", flush=True)
-        if not args.keep:
+        if args.keep:
+            saved.write_text(json.dumps(rows[-1]))
+        else:
             shutil.rmtree(source)
             shutil.rmtree(output)
 

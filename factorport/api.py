@@ -473,9 +473,9 @@ def generate(
     runtime = open_output(output, backend, verify=verify, timeout=timeout, **options)
     try:
         if chat:
-            from transformers import AutoTokenizer
+            from .loading import saved_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(find_artifact(output))
+            tokenizer = saved_tokenizer(find_artifact(output))
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = runtime.tokenize(prompt)
         return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)

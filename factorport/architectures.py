@@ -2,13 +2,17 @@
 
 Everything else in factorport asks this table which modules are the linears
 of a decoder layer, which of them read the same input (and so may share a
-low-rank factor), and where the embedding and output projection live.
+low-rank factor), where the embedding and output projection live, and what
+llama.cpp calls the family and its tensors (`factorport.llamacpp` builds the
+GGUF names from these).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .errors import FactorportError
 
@@ -30,6 +34,17 @@ class ArchSpec:
     norm: str = "model.norm"  # the final norm, between the last layer and lm_head
     attention: str = "self_attn"  # per layer
     rotary: str = "rotary_emb"  # relative to the decoder: (x, position_ids) -> cos, sin
+    # whether its tokenizers may carry the pre-tokenizer regex Mistral fixed
+    # (transformers >= 4.57.3 then decides, and warns, for itself)
+    mistral_regex: bool = False
+    # llama.cpp: its architecture name (general.architecture; None: no GGUF
+    # export), whether q/k rows go into its interleaved rotary order (its
+    # `llama` graph; `qwen2` keeps Hugging Face's), and the block tensor stem
+    # of each linear and norm (relative to the layer)
+    gguf_arch: str | None = None
+    gguf_interleave_rotary: bool = False
+    gguf_linears: Mapping[str, str] = field(default_factory=dict)
+    gguf_norms: Mapping[str, str] = field(default_factory=dict)
 
 
 _LLAMA_LINEARS = (
@@ -49,7 +64,11 @@ _LLAMA_GROUPS = (
 )
 
 
-def _llama_family(model_type: str, qkv_bias: bool = False) -> ArchSpec:
+_LLAMA_GGUF_LINEARS = MappingProxyType(dict(zip(_LLAMA_LINEARS, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))))
+_LLAMA_GGUF_NORMS = MappingProxyType({"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"})
+
+
+def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistral_regex: bool = False) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         layers="model.layers",
@@ -58,14 +77,28 @@ def _llama_family(model_type: str, qkv_bias: bool = False) -> ArchSpec:
         embed="model.embed_tokens",
         lm_head="lm_head",
         qkv_bias=qkv_bias,
+        mistral_regex=mistral_regex,
+        gguf_arch=gguf_arch,
+        gguf_interleave_rotary=gguf_arch == "llama",
+        gguf_linears=_LLAMA_GGUF_LINEARS,
+        gguf_norms=_LLAMA_GGUF_NORMS,
     )
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _llama_family("llama"),
-    "mistral": _llama_family("mistral"),
-    "qwen2": _llama_family("qwen2", qkv_bias=True),
+    "llama": _llama_family("llama", "llama"),
+    "mistral": _llama_family("mistral", "llama", mistral_regex=True),  # llama.cpp runs Mistral as llama
+    "qwen2": _llama_family("qwen2", "qwen2", qkv_bias=True),
 }
+
+
+def tokenizer_options(model_type: str | None) -> dict:
+    """Keyword arguments for `AutoTokenizer.from_pretrained` of a saved model of
+    this family. transformers 4.57.3+ warns that every local tokenizer of over
+    100k tokens (Llama 3's, Qwen's) saved by a 4.57 release "has an incorrect
+    regex pattern" unless told otherwise; only Mistral's ever had one."""
+    spec = ARCHITECTURES.get(model_type)
+    return {} if spec is None or spec.mistral_regex else {"fix_mistral_regex": False}
 
 
 def arch_for(config) -> ArchSpec:

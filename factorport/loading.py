@@ -17,6 +17,7 @@ are loaded whole by transformers first (`ModelSource`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures import arch_for
+from .architectures import arch_for, tokenizer_options
 from .errors import FactorportError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -61,11 +62,23 @@ def embedded_gguf() -> Path:
     return found[0]
 
 
+def saved_tokenizer(directory: str | Path):
+    """`AutoTokenizer.from_pretrained(directory)` with its family's options
+    (`tokenizer_options`), the family read from the config.json beside it."""
+    from transformers import AutoTokenizer
+
+    try:
+        model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # no config, or not an object: transformers' defaults
+        model_type = None
+    return AutoTokenizer.from_pretrained(directory, **tokenizer_options(model_type))
+
+
 def _from_pretrained(path_or_id: str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **tokenizer_options(model.config.model_type), **kwargs)
     model.eval()
     return model, tokenizer
 
@@ -297,14 +310,12 @@ def materialize_source(model, source):
 
 def open_source(model: str | None = None):
     """(WeightSource, tokenizer, Source) for conversion, reading tensors lazily where it can."""
-    from transformers import AutoTokenizer
-
     source = resolve(model)
     path = Path(source.path)
     if source.kind in ("default", "directory") and SafetensorsSource.usable(path):
         weights = SafetensorsSource(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            tokenizer = saved_tokenizer(source.path)
         except (OSError, ValueError) as exc:
             raise FactorportError(f"could not load the tokenizer of {model}: {str(exc).splitlines()[0][:80]}") from exc
         return weights, tokenizer, source

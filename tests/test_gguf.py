@@ -14,7 +14,7 @@ from factorport.converters import apply
 from factorport.errors import FactorportError
 from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE, NATIVE_FILE, export, load_native
 from factorport.formats.gguf.checks import check_adapter, open_gguf
-from factorport.formats.gguf.names import rotary_row_order
+from factorport.llamacpp.names import rotary_row_order
 from factorport.recipe import parse_recipe
 
 

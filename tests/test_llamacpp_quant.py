@@ -13,7 +13,7 @@ from conftest import assert_reload_bit_exact
 from factorport.converters import apply
 from factorport.errors import FactorportError
 from factorport.formats.gguf import MODEL_FILE, export
-from factorport.formats.gguf.names import rotary_row_order
+from factorport.llamacpp.names import rotary_row_order
 from factorport.ops.ggml import GGMLBase
 from factorport.recipe import load_recipe, parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend

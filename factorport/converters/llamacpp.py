@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import arch_for
-from ..formats.gguf.metadata import hparams
-from ..formats.gguf.names import NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, gguf_arch, linear_tensor
+from ..llamacpp.hparams import hparams
+from ..llamacpp.names import OUTPUT, TOKEN_EMBEDDING, gguf_arch, linear_tensor, norm_weights
+from ..llamacpp.quantize import FTYPES, quantize_model
 from ..ops import CompressedLinear
-from ..hostcpu import require_llama_cpp_features
-from ..ops.ggml import FTYPES, GGMLBase, llamacpp_quantize
+from ..ops.ggml import GGMLBase
 from .calibration import CalibrationStats
 from .report import LayerReport, output_error
 from .targets import compressible_linears, is_tied, replace_linear
@@ -49,7 +48,7 @@ def check_llamacpp(model, config: LlamaCppConfig) -> None:
 
 def _gguf_names(model, targets: list[str]) -> dict[str, str]:
     """{module name: GGUF tensor name} of the targeted linears (a tied lm_head is token_embd)."""
-    arch = arch_for(model.config)
+    arch = gguf_arch(model.config)
     tied = is_tied(model)
     names = {}
     for name in targets:
@@ -63,17 +62,9 @@ def _gguf_names(model, targets: list[str]) -> dict[str, str]:
 def _all_tensors(model) -> dict:
     """Every weight under its GGUF name, float32, Hugging Face row order
     (rows are quantized independently, so the rotary order does not matter)."""
-    arch = arch_for(model.config)
-    tensors = {TOKEN_EMBEDDING: model.get_input_embeddings().weight}
-    layers = model.get_submodule(arch.layers)
-    for i, layer in enumerate(layers):
-        for rel, stem in NORM_STEMS.items():
-            tensors[f"blk.{i}.{stem}.weight"] = layer.get_submodule(rel).weight
-    for name in _gguf_names(model, [n for n in compressible_linears(model, ["linears"])]).items():
-        tensors[name[1]] = model.get_submodule(name[0]).weight
-    tensors[OUTPUT_NORM] = model.get_submodule(arch.norm).weight
-    if not is_tied(model):
-        tensors[OUTPUT] = model.get_submodule(arch.lm_head).weight
+    linears = compressible_linears(model, ["linears", "lm_head"])
+    tensors = {TOKEN_EMBEDDING: model.get_input_embeddings().weight, **norm_weights(model)}
+    tensors.update({gguf: model.get_submodule(name).weight for name, gguf in _gguf_names(model, linears).items()})
     return {k: v.detach().float().contiguous().numpy() for k, v in tensors.items()}
 
 
@@ -84,8 +75,7 @@ def llamacpp_(model, config: LlamaCppConfig, stats: CalibrationStats | None, pro
     targets = compressible_linears(model, config.targets)
     if progress:
         print(f"factorport: llama.cpp quantizes the model to {config.type}")
-    require_llama_cpp_features()  # llama.cpp's quantizer runs in this process
-    blocks = llamacpp_quantize(_all_tensors(model), hparams(model.config, gguf_arch(model.config)), config.type)
+    blocks = quantize_model(_all_tensors(model), hparams(model.config), config.type)
     seconds = (time.perf_counter() - started) / len(targets)
     reports = []
     for name, tensor in _gguf_names(model, targets).items():

@@ -588,7 +588,7 @@ def materialize(model, source: str) -> None:
 
 
 def _tokenizer(directory: Path, source: str | None = None):
-    from transformers import AutoTokenizer
+    from ..loading import saved_tokenizer
 
     if not (directory / "tokenizer_config.json").exists():
         return None
@@ -596,7 +596,7 @@ def _tokenizer(directory: Path, source: str | None = None):
         if (directory / name).exists():
             read_json_file(directory / name, where=f"{source}: {name}" if source else None)
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return saved_tokenizer(directory)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception on a bad file
         raise FactorportError(f"{source or directory}: the tokenizer files do not load ({str(exc).splitlines()[0][:80]}); re-export it") from None
 

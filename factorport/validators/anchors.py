@@ -5,13 +5,11 @@ backend opens (`onnx` -> onnxruntime, `model.gguf` -> llama.cpp)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import FactorportError
 from ..loading import CACHE_REVISION, Source, cache_dir, embedded_gguf, load_model, resolve
 
 # Types `bench` picks the size-nearest anchor from.
@@ -56,26 +54,14 @@ def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
 
 def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = True) -> Path:
     """llama.cpp's `llama_model_quantize` of the original model at `ggml_type`."""
-    from ..hostcpu import import_llama_cpp
-
-    llama_cpp = import_llama_cpp()
-
-    from ..ops.ggml import ftype_value
+    from ..llamacpp.quantize import ftype_value, quantize_file
 
     source = resolve(model_name)
-    try:
-        ftype = ftype_value(ggml_type)
-    except ValueError as exc:
-        raise FactorportError(str(exc)) from None
+    ftype_value(ggml_type)  # an unknown type is refused before any work
 
     def make(tmp: Path) -> None:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.allow_requantize = True  # the embedded sample is itself Q4_1: dequantized exactly, then quantized
-        params.nthread = os.cpu_count() or 1
-        status = llama_cpp.llama_model_quantize(str(_source_gguf(source, tmp)).encode(), str(tmp / "model.gguf").encode(), ctypes.byref(params))
-        if status != 0:
-            raise FactorportError(f"llama.cpp could not quantize {source.name} to {ggml_type} (status {status})")
+        # allow_requantize: the embedded sample is itself Q4_1: dequantized exactly, then quantized
+        quantize_file(_source_gguf(source, tmp), tmp / "model.gguf", ggml_type, os.cpu_count() or 1, allow_requantize=True)
         shutil.rmtree(tmp / "source", ignore_errors=True)
 
     return _build(_anchor_dir(source, f"llama.cpp-{ggml_type}"), make, progress)

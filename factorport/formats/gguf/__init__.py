@@ -19,9 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ...llamacpp.names import gguf_arch
 from . import codecs
 from .model_file import plan_model
-from .names import gguf_arch
 from .native import NATIVE_FILE, load_native, write_native
 from .writer import write_adapter, write_model
 
@@ -35,14 +35,14 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     type_name = codecs.check_type(gguf_type)
-    garch = gguf_arch(model.config)
+    arch = gguf_arch(model.config)
     if progress:
         print(f"factorport: gguf: planning tensors (re-quantized tensors -> {type_name})")
     plan = plan_model(model, type_name)
     name = getattr(model.config, "_name_or_path", "") or model.config.model_type
-    tokenizer_how = write_model(out_dir / MODEL_FILE, plan, model, tokenizer, garch, str(name))
+    tokenizer_how = write_model(out_dir / MODEL_FILE, plan, model, tokenizer, str(name))
     if plan.lora:
-        write_adapter(out_dir / ADAPTER_FILE, plan, garch)
+        write_adapter(out_dir / ADAPTER_FILE, plan, arch.gguf_arch)
     if progress:
         print(f"factorport: gguf: wrote {MODEL_FILE}" + (f" and {ADAPTER_FILE} ({len(plan.lora) // 2} LoRA pairs)" if plan.lora else ""))
     if native:
@@ -50,7 +50,7 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return {
         "format": "gguf",
-        "architecture": garch.name,
+        "architecture": arch.gguf_arch,
         "gguf_type": type_name,
         "files": files,
         "tensor_types": dict(Counter(t.type_name for t in plan.tensors)),

@@ -14,7 +14,8 @@ import torch
 
 from ...errors import FactorportError
 from ...ops import QuantizedBase
-from ...ops.ggml import FTYPES, GGMLBase, ggml_type
+from ...llamacpp.quantize import FTYPES
+from ...ops.ggml import GGMLBase, ggml_type
 from ...ops.quant import unpack
 
 GGML_BLOCK = 32  # values per block of Q4_0 / Q4_1 / Q8_0

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ...errors import FactorportError
-from .names import LINEAR_STEMS, NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING
+from ...llamacpp.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING
 from .structure import ARRAY, BOOL, FLOAT32, INT32, REEXPORT, STRING, UINT32, KeyValue, Layout, shown, type_name
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -30,6 +30,7 @@ BIASES = {
     "llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
     "qwen2": ("attn_q", "attn_k", "attn_v"),
 }
+BLOCK_NORMS = ("attn_norm", "ffn_norm")  # the per-block norms llama.cpp's llama and qwen2 load
 # types a weight matrix may have: those factorport writes (its lossless blocks,
 # the --gguf-type choices and the per-tensor types of llama.cpp's mixes)
 WEIGHT_TYPES = frozenset({
@@ -238,9 +239,9 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
         OUTPUT_NORM: ((h.n_embd,), NORM, True),
     }
     for i in range(h.n_layer):
-        for stem in NORM_STEMS.values():
+        for stem in BLOCK_NORMS:
             expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)
-        for stem in LINEAR_STEMS.values():
+        for stem in rows:
             expected[f"blk.{i}.{stem}.weight"] = ((cols[stem], rows[stem]), WEIGHT, True)
             if stem in BIASES[arch]:
                 expected[f"blk.{i}.{stem}.bias"] = ((rows[stem],), BIAS, False)

@@ -1,5 +1,5 @@
-"""GGUF key/values of a model file: llama.cpp's hyper-parameters and the
-tokenizer (vocabulary, merges, special ids, chat template).
+"""The tokenizer's GGUF key/values (vocabulary, merges, special ids, chat
+template); the hyper-parameters are in `factorport.llamacpp.hparams`.
 
 Tokenizer, three cases:
 * the vocabulary of the embedded SmolLM2 sample: its GGUF's tokenizer keys are
@@ -15,35 +15,9 @@ import json
 from functools import lru_cache
 
 from ...errors import FactorportError
-from .names import GGUFArch
 
-CONTEXT_DEFAULT = 2048
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
-
-
-def hparams(config, garch: GGUFArch) -> dict:
-    """The `{arch}.*` keys llama.cpp reads to build the graph."""
-    a = garch.name
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    meta = {
-        "general.architecture": a,
-        f"{a}.block_count": config.num_hidden_layers,
-        f"{a}.context_length": getattr(config, "max_position_embeddings", None) or CONTEXT_DEFAULT,
-        f"{a}.embedding_length": config.hidden_size,
-        f"{a}.feed_forward_length": config.intermediate_size,
-        f"{a}.attention.head_count": heads,
-        f"{a}.attention.head_count_kv": getattr(config, "num_key_value_heads", None) or heads,
-        f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-        f"{a}.rope.freq_base": float(getattr(config, "rope_theta", 10000.0)),
-        f"{a}.rope.dimension_count": head_dim,
-        f"{a}.vocab_size": config.vocab_size,
-    }
-    if head_dim != config.hidden_size // heads:
-        meta[f"{a}.attention.key_length"] = head_dim
-        meta[f"{a}.attention.value_length"] = head_dim
-    return meta
 
 
 @lru_cache(maxsize=1)

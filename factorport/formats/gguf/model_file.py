@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...architectures import arch_for, linear_names
+from ...architectures import linear_names
+from ...llamacpp.hparams import hparams
+from ...llamacpp.names import OUTPUT, TOKEN_EMBEDDING, gguf_arch, linear_tensor, norm_weights, row_order
+from ...llamacpp.quantize import quantize_model
 from ...ops import CompressedLinear, TiedEmbedding
-from ...hostcpu import require_llama_cpp_features
-from ...ops.ggml import llamacpp_quantize
 from . import codecs
-from .metadata import hparams
-from .names import NORM_STEMS, OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, gguf_arch, linear_tensor, row_order
 
 
 @dataclass
@@ -112,8 +111,7 @@ class Planner:
     def __init__(self, model, gguf_type: str) -> None:
         self.model = model
         self.config = model.config
-        self.arch = arch_for(model.config)
-        self.garch = gguf_arch(model.config)
+        self.arch = gguf_arch(model.config)
         self.gguf_type = gguf_type
         self.plan = Plan()
         self.pending: list[_Pending] = []
@@ -128,21 +126,19 @@ class Planner:
         # tied: one table serves lookup and logits (llama.cpp uses token_embd for both)
         tied = isinstance(embed, TiedEmbedding) or getattr(head, "weight", None) is embed.weight
         self._weight(TOKEN_EMBEDDING, head if isinstance(embed, TiedEmbedding) else embed, None, allow_lora=False)
-        layers = self.model.get_submodule(self.arch.layers)
-        for i, layer in enumerate(layers):
-            for rel, stem in NORM_STEMS.items():
-                self._float(f"blk.{i}.{stem}.weight", layer.get_submodule(rel).weight)
+        for name, weight in norm_weights(self.model).items():
+            self._float(name, weight)
         for name in linear_names(self.model, self.arch, include_lm_head=False):
             module = self.model.get_submodule(name)
             stem = linear_tensor(name, self.arch)
-            order = row_order(name, module.out_features, self.config, self.garch)
+            order = row_order(name, module.out_features, self.config)
             self._weight(f"{stem}.weight", module, order, allow_lora=True)
             if module.bias is not None:
                 self._float(f"{stem}.bias", module.bias, order)
-        self._float(OUTPUT_NORM, self.model.get_submodule(self.arch.norm).weight)
         if not tied:
             self._weight(OUTPUT, head, None, allow_lora=False)
         self._quantize_pending()
+        self.plan.tensors.sort(key=_tensor_key)
         return self.plan
 
     def _float(self, name: str, t: torch.Tensor, order=None) -> None:
@@ -191,15 +187,7 @@ class Planner:
         for its K / IQ mixes (which pick per-tensor types)."""
         if not self.pending:
             return
-        encoded = None
-        if self.needs_all:
-            try:
-                require_llama_cpp_features()  # llama.cpp's quantizer runs in this process
-                encoded = llamacpp_quantize(self.all_dense, hparams(self.config, self.garch), self.gguf_type)
-            except ValueError as exc:
-                from ...errors import FactorportError
-
-                raise FactorportError(str(exc)) from exc
+        encoded = quantize_model(self.all_dense, hparams(self.config), self.gguf_type) if self.needs_all else None
         for p in self.pending:
             weight = p.weight()
             if encoded is None:
@@ -212,7 +200,6 @@ class Planner:
             self.plan.tensors.append(Tensor(p.name, type_name, tuple(data.shape), data.dtype, make))
             self.plan.requantized.append({"tensor": p.name, "from": p.source, "to": type_name, "relative_error": error})
             del data, weight
-        self.plan.tensors.sort(key=_tensor_key)
 
 
 def _relative_error(new: np.ndarray, reference: np.ndarray) -> float:

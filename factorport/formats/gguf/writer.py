@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ...ops.ggml import add_value, ggml_type
-from .metadata import add_tokenizer, hparams
+from ...llamacpp.hparams import hparams
+from ...llamacpp.quantize import add_value
+from ...ops.ggml import ggml_type
+from .metadata import add_tokenizer
 from .model_file import Plan, Tensor
-from .names import GGUFArch
 
 QUANTIZATION_VERSION = 2  # ggml's block layouts of Q4_0/Q4_1/Q8_0 (and K-quants) since 2023
 # llama.cpp scales a LoRA product by alpha / rank, or by 1 when alpha is 0:
@@ -40,14 +41,15 @@ def _add_values(writer, values: dict) -> None:
             add_value(writer, key, value)
 
 
-def write_model(path: Path, plan: Plan, model, tokenizer, garch: GGUFArch, name: str) -> str:
+def write_model(path: Path, plan: Plan, model, tokenizer, name: str) -> str:
     """model.gguf; returns how the tokenizer was written."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, arch=garch.name)
+    values = hparams(model.config)
+    writer = gguf.GGUFWriter(path, arch=values["general.architecture"])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    _add_values(writer, hparams(model.config, garch))
+    _add_values(writer, values)
     writer.add_quantization_version(QUANTIZATION_VERSION)
     how = add_tokenizer(writer, tokenizer, model.config.vocab_size)
     writer.add_string("factorport.requantized", json.dumps(plan.requantized))
@@ -57,11 +59,11 @@ def write_model(path: Path, plan: Plan, model, tokenizer, garch: GGUFArch, name:
     return how
 
 
-def write_adapter(path: Path, plan: Plan, garch: GGUFArch) -> None:
+def write_adapter(path: Path, plan: Plan, arch: str) -> None:
     """adapter.gguf: llama.cpp computes W·x + B·(A·x) for every tensor pair."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, arch=garch.name)
+    writer = gguf.GGUFWriter(path, arch=arch)  # llama.cpp's architecture name
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA_UNSCALED)

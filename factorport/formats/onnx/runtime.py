@@ -68,10 +68,10 @@ def load_tokenizer(directory: str | Path):
     directory = Path(directory)
     if not (directory / "tokenizer_config.json").is_file():
         return None
-    from transformers import AutoTokenizer
+    from ...loading import saved_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return saved_tokenizer(directory)
     except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many kinds
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise FactorportError(f"{directory}: the tokenizer files do not load ({type(exc).__name__}: {first}); re-export it") from exc
