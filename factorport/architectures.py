@@ -34,6 +34,8 @@ class ArchSpec:
     norm: str = "model.norm"  # the final norm, between the last layer and lm_head
     attention: str = "self_attn"  # per layer
     rotary: str = "rotary_emb"  # relative to the decoder: (x, position_ids) -> cos, sin
+    # RMS norms over each head of q and of k, before rotary (relative to the attention)
+    qk_norms: tuple[str, str] | None = None
     # whether its tokenizers may carry the pre-tokenizer regex Mistral fixed
     # (transformers >= 4.57.3 then decides, and warns, for itself)
     mistral_regex: bool = False
@@ -68,7 +70,10 @@ _LLAMA_GGUF_LINEARS = MappingProxyType(dict(zip(_LLAMA_LINEARS, ("attn_q", "attn
 _LLAMA_GGUF_NORMS = MappingProxyType({"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"})
 
 
-def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistral_regex: bool = False) -> ArchSpec:
+def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistral_regex: bool = False, qk_norms: bool = False) -> ArchSpec:
+    norms = dict(_LLAMA_GGUF_NORMS)
+    if qk_norms:
+        norms.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     return ArchSpec(
         model_type=model_type,
         layers="model.layers",
@@ -78,10 +83,11 @@ def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistr
         lm_head="lm_head",
         qkv_bias=qkv_bias,
         mistral_regex=mistral_regex,
+        qk_norms=("q_norm", "k_norm") if qk_norms else None,
         gguf_arch=gguf_arch,
         gguf_interleave_rotary=gguf_arch == "llama",
         gguf_linears=_LLAMA_GGUF_LINEARS,
-        gguf_norms=_LLAMA_GGUF_NORMS,
+        gguf_norms=MappingProxyType(norms),
     )
 
 
@@ -89,6 +95,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _llama_family("llama", "llama"),
     "mistral": _llama_family("mistral", "llama", mistral_regex=True),  # llama.cpp runs Mistral as llama
     "qwen2": _llama_family("qwen2", "qwen2", qkv_bias=True),
+    "qwen3": _llama_family("qwen3", "qwen3", qk_norms=True),  # no q/k/v bias; head size set apart from the width
 }
 
 

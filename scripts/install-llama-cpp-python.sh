@@ -11,7 +11,7 @@
 #
 # x86-64: the x86-64-v3 level (SSE4.2, AVX, AVX2, FMA, F16C, BMI2): no AVX-512,
 # no AMX. factorport checks at run time that the CPU has these before llama.cpp
-# is loaded (factorport/llamacpp/cpu.py). Other architectures: ggml's portable
+# is loaded (factorport/hostcpu.py). Other architectures: ggml's portable
 # baseline (GGML_NATIVE=OFF).
 #
 # usage: install-llama-cpp-python.sh PIP VERSION

@@ -30,6 +30,9 @@ def _build(arch: str, seed: int = 0, **overrides):
     elif arch == "qwen2":
         config = transformers.Qwen2Config(**tiny, tie_word_embeddings=False)
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":  # heads of 32 on a width of 64, as Qwen3-0.6B's 16 x 128 on 1024
+        config = transformers.Qwen3Config(**{"head_dim": 32, **tiny}, tie_word_embeddings=True)
+        cls = transformers.Qwen3ForCausalLM
     else:  # pragma: no cover
         raise ValueError(arch)
     model = cls(config).eval()
@@ -39,12 +42,17 @@ def _build(arch: str, seed: int = 0, **overrides):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     assert proj.bias is not None
                     proj.bias.normal_(0, 0.5)
+    if arch == "qwen3":  # HF initializes the q/k norms to ones; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1, 0.3)
     return model
 
 
 @pytest.fixture
 def make_model():
-    """Factory: make_model('llama' | 'mistral' | 'qwen2', seed=0, **config overrides) -> a fresh tiny model."""
+    """Factory: make_model('llama' | 'mistral' | 'qwen2' | 'qwen3', seed=0, **config overrides) -> a fresh tiny model."""
     return _build
 
 

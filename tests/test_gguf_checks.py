@@ -442,14 +442,16 @@ def test_mutants_never_reach_llamacpp(out, mutate, needle):
     assert "ERROR" in result.stdout and needle in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_other_architectures_pass(make_model, stats_for, tmp_path, arch):
-    """Untied output (mistral), q/k/v biases (qwen2): what factorport writes passes."""
+    """Untied output (mistral), q/k/v biases (qwen2), q/k norms and a head size
+    apart from the width (qwen3): what factorport writes passes."""
     model = make_model(arch)
     apply(model, parse_recipe(RECIPE).steps, stats_for(model), progress=False)
     export(model, None, tmp_path, progress=False)
     reader = check_model(tmp_path / MODEL_FILE)
-    assert {"output.weight", "blk.0.attn_q.bias"} & {t.name for t in reader.tensors}
+    particular = {"mistral": "output.weight", "qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight"}[arch]
+    assert particular in {t.name for t in reader.tensors}
     check_adapter(reader, tmp_path / ADAPTER_FILE)
 
 

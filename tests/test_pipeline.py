@@ -73,9 +73,10 @@ def test_one_decoder_layer_in_float32_at_a_time(source, recipe, tmp_path, monkey
     assert sorted(alive) == [0, 1, 2, 3] and peak["layers"] == 1
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def any_source(request, tmp_path_factory) -> Path:
-    return tiny_source(tmp_path_factory.mktemp(request.param) / "source", layers=4, arch=request.param)
+    config = {"head_dim": 32} if request.param == "qwen3" else {}  # heads wider than width / heads, as Qwen3's
+    return tiny_source(tmp_path_factory.mktemp(request.param) / "source", layers=4, arch=request.param, **config)
 
 
 def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(any_source, recipe, tmp_path):

@@ -13,7 +13,7 @@ RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn,
 
 
 def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", **config) -> Path:
-    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2) + BPE tokenizer of vocab <= 128."""
+    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3) + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -9,7 +9,7 @@ checks here are complete for what factorport writes: every key llama.cpp
 reads has the type and range it needs, unknown keys under the prefixes it
 reads are refused, every tensor has the shape the metadata implies and a
 type from an allowed set. Derived from the vendored llama.cpp
-(src/llama-model.cpp, models/llama.cpp, models/qwen2.cpp, src/llama-vocab.cpp,
+(src/llama-model.cpp, models/llama.cpp, models/qwen2.cpp, models/qwen3.cpp, src/llama-vocab.cpp,
 src/llama-adapter.cpp).
 """
 
@@ -29,7 +29,10 @@ NATIVE_ARCH = "factorport"
 BIASES = {
     "llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
     "qwen2": ("attn_q", "attn_k", "attn_v"),
+    "qwen3": ("attn_q", "attn_k", "attn_v"),
 }
+# llama.cpp's architecture -> its per-block norms over each head of q and k (models/qwen3.cpp)
+HEAD_NORMS = {"qwen3": ("attn_q_norm", "attn_k_norm")}
 BLOCK_NORMS = ("attn_norm", "ffn_norm")  # the per-block norms llama.cpp's llama and qwen2 load
 # types a weight matrix may have: those factorport writes (its lossless blocks,
 # the --gguf-type choices and the per-tensor types of llama.cpp's mixes)
@@ -241,6 +244,8 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
     for i in range(h.n_layer):
         for stem in BLOCK_NORMS:
             expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)
+        for stem in HEAD_NORMS.get(arch, ()):
+            expected[f"blk.{i}.{stem}.weight"] = ((h.head_k,), NORM, True)
         for stem in rows:
             expected[f"blk.{i}.{stem}.weight"] = ((cols[stem], rows[stem]), WEIGHT, True)
             if stem in BIASES[arch]:

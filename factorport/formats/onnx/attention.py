@@ -156,15 +156,26 @@ class FusedAttention(nn.Module):
     then one GroupQueryAttention, then o_proj. The layer's cache entry is
     replaced by the node's present key/value."""
 
-    def __init__(self, attention: nn.Module, inputs: DecoderInputs, shape: AttentionShape) -> None:
+    def __init__(self, attention: nn.Module, inputs: DecoderInputs, shape: AttentionShape, qk_norms: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.attention = attention
         self.inputs = inputs
         self.shape = shape
+        self.qk_norms = qk_norms
+
+    def _head_norm(self, x: torch.Tensor, which: int, heads: int) -> torch.Tensor:
+        """The family's RMS norm over each head of q or k (before rotary), if it has one."""
+        if self.qk_norms is None:
+            return x
+        batch, length, _ = x.shape
+        norm = self.attention.get_submodule(self.qk_norms[which])
+        # the width a Python int: the graph then states it (the contrib-node checks read it)
+        return norm(x.reshape(batch, length, heads, self.shape.head_dim)).reshape(batch, length, heads * self.shape.head_dim)
 
     def forward(self, hidden_states, past_key_values=None, **kwargs):
         attn, shape = self.attention, self.shape
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+        q, k = self._head_norm(q, 0, shape.num_heads), self._head_norm(k, 1, shape.kv_heads)
         layer = None if past_key_values is None else past_key_values.layers[attn.layer_idx]
         if layer is not None and layer.is_initialized:
             past_k, past_v = layer.keys, layer.values
@@ -196,7 +207,7 @@ def replacements(model, arch) -> tuple[dict[str, nn.Module], DecoderInputs | Non
     modules = {}
     for index in range(len(model.get_submodule(arch.layers))):
         name = f"{arch.layers}.{index}.{arch.attention}"
-        modules[name] = FusedAttention(model.get_submodule(name), inputs, shape)
+        modules[name] = FusedAttention(model.get_submodule(name), inputs, shape, arch.qk_norms)
     return modules, inputs
 
 

@@ -1,0 +1,37 @@
+"""Each model family of the architecture table end to end on a tiny random
+config: converted layer by layer, exported to ONNX and GGUF, and validated
+on every backend (the per-format unit tests parametrize over the families
+too; this is the whole path a user takes)."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+
+import factorport
+from test_pipeline import RECIPE
+from tiny_outputs import TEXT, tiny_source
+
+
+@pytest.mark.parametrize(("arch", "config", "particular"), [
+    # q/k norms and heads wider than width / heads (Qwen3-0.6B: 16 x 128 on 1024)
+    ("qwen3", {"head_dim": 32}, "blk.0.attn_q_norm.weight"),
+])
+def test_converts_exports_and_validates_on_every_backend(tmp_path, arch, config, particular):
+    source = tiny_source(tmp_path / "source", layers=2, arch=arch, **config)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    out = factorport.convert(str(source), recipe=str(tmp_path / "recipe.yaml"), output=tmp_path / "out", progress=False)
+    factorport.export(out, formats=["onnx", "gguf"], progress=False)
+
+    onnx_report = json.loads((out / "report" / "export-onnx.json").read_text())
+    assert onnx_report["attention"] == "GroupQueryAttention"  # fused, not traced
+    reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch  # llama.cpp's own graph
+    assert particular in {t.name for t in reader.tensors}
+
+    result = factorport.validate(out, text=TEXT, windows=1, progress=False)
+    assert set(result["backends"]) == {"onnxruntime", "llama.cpp"}
+    failed = [(b, c["check"], c.get("value")) for b, r in result["backends"].items() for c in r["checks"] if not c.get("passed")]
+    assert result["passed"] and not failed, failed
