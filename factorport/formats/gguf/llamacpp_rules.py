@@ -33,7 +33,7 @@ BIASES = {
 }
 # llama.cpp's architecture -> its per-block norms over each head of q and k (models/qwen3.cpp)
 HEAD_NORMS = {"qwen3": ("attn_q_norm", "attn_k_norm")}
-BLOCK_NORMS = ("attn_norm", "ffn_norm")  # the per-block norms llama.cpp's llama and qwen2 load
+BLOCK_NORMS = ("attn_norm", "ffn_norm")  # the per-block norms of every architecture above
 # types a weight matrix may have: those factorport writes (its lossless blocks,
 # the --gguf-type choices and the per-tensor types of llama.cpp's mixes)
 WEIGHT_TYPES = frozenset({
