@@ -18,7 +18,8 @@ The tokenizer is the embedded SmolLM2's (its ids fit in the vocabulary).
 With --keep, each finished conversion's row is saved in the work directory;
 with --keep --resume, an interrupted conversion continues and a finished one
 is not repeated (its saved row is printed), so the table can be completed
-over several sessions.
+over several sessions. benchmarks/results/scale-row-N.json are rows measured
+so (copy one into the work directory as row-N.json to reuse it).
 
     .venv/bin/python benchmarks/scale.py --model qwen2.5-coder-1.5b
 
@@ -246,8 +247,8 @@ def main() -> None:
         rows.append({"layers": layers, "setting": setting, "disk": disk, **run, "per_layer": per_layer, "median": median,
                      "fixed": run["report"]["seconds"] - sum(per_layer)})
         print(f"{layers} layers: peak RSS {run['peak_rss'] / 2**30:.2f} GiB, {median:.1f} s/layer", flush=True)
-        if args.keep:
-            saved.write_text(json.dumps(rows[-1]))
+        if args.keep:  # what the table needs (the report's per-layer seconds are in per_layer)
+            saved.write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}, indent=1) + "\n")
         else:
             shutil.rmtree(source)
             shutil.rmtree(output)
