@@ -231,8 +231,9 @@ def main() -> None:
     for layers in counts:
         source, output = args.workdir / f"random-{layers}", args.workdir / f"out-{layers}"
         saved = args.workdir / f"row-{layers}.json"  # a finished conversion's row, for --resume
-        if args.resume and saved.exists() and json.loads(saved.read_text())["setting"] == setting:
-            rows.append(json.loads(saved.read_text()))
+        earlier = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+        if earlier is not None and earlier["setting"] == setting:
+            rows.append(earlier)
             print(f"{layers} layers: converted by an earlier run", flush=True)
             continue
         index = source / "model.safetensors.index.json"

@@ -52,9 +52,7 @@ def quantize_model(
     with tempfile.TemporaryDirectory(prefix="factorport-llamacpp-") as scratch:
         source, target = Path(scratch) / "f32.gguf", Path(scratch) / "quantized.gguf"
         writer = gguf.GGUFWriter(source, arch=metadata["general.architecture"])
-        for key, val in metadata.items():
-            if key != "general.architecture":
-                add_value(writer, key, val)
+        add_values(writer, metadata)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
         for name, array in tensors.items():
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
@@ -87,15 +85,19 @@ def quantize_file(source: Path, target: Path, ftype: str, threads: int = 0, allo
         raise FactorportError(f"llama.cpp could not quantize {source.name} to {ftype} (status {status})")
 
 
-def add_value(writer, key: str, value) -> None:
-    """One GGUF key/value, typed by its Python type (ints as uint32, like llama.cpp's hyper-parameters)."""
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, str):
-        writer.add_string(key, value)
-    else:
-        writer.add_array(key, list(value))
+def add_values(writer, values: dict) -> None:
+    """GGUF key/values, each typed by its Python type (ints as uint32, like
+    llama.cpp's hyper-parameters); general.architecture is GGUFWriter's own."""
+    for key, value in values.items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, list(value))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...llamacpp.hparams import hparams
-from ...llamacpp.quantize import add_value
+from ...llamacpp.quantize import add_values
 from ...ops.ggml import ggml_type
 from .metadata import add_tokenizer
 from .model_file import Plan, Tensor
@@ -35,12 +35,6 @@ def _finish(writer, tensors: list[Tensor]) -> None:
     writer.close()
 
 
-def _add_values(writer, values: dict) -> None:
-    for key, value in values.items():
-        if key != "general.architecture":  # given to GGUFWriter itself
-            add_value(writer, key, value)
-
-
 def write_model(path: Path, plan: Plan, model, tokenizer, name: str) -> str:
     """model.gguf; returns how the tokenizer was written."""
     import gguf
@@ -49,7 +43,7 @@ def write_model(path: Path, plan: Plan, model, tokenizer, name: str) -> str:
     writer = gguf.GGUFWriter(path, arch=values["general.architecture"])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    _add_values(writer, values)
+    add_values(writer, values)
     writer.add_quantization_version(QUANTIZATION_VERSION)
     how = add_tokenizer(writer, tokenizer, model.config.vocab_size)
     writer.add_string("factorport.requantized", json.dumps(plan.requantized))
