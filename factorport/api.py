@@ -206,7 +206,9 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         skeleton, weights, recipe.steps, sequences, described, calibration.mode if calibration else "parallel",
         device, state, progress, allocation,
     )
+    table_dtype = None
     for piece in layers:
+        table_dtype = piece.table_dtype  # set by the rest, the last piece
         name = f"layer-{piece.index:05d}" if piece.index >= 0 else "rest"
         owner = skeleton.get_submodule(piece.prefix) if piece.prefix else skeleton
         fragment = describe_linears(skeleton, piece.linears)
@@ -221,7 +223,7 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
     infos = [safetensors_dir.piece_info(path) for path in safetensors_dir.piece_files(tmp)]
     (tmp / SAFETENSORS).mkdir()
     tied = isinstance(skeleton.get_input_embeddings(), TiedEmbedding)
-    safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, max_shard_bytes)
+    safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, table_dtype, max_shard_bytes)
     return {
         # calibration seconds: the forward passes and XᵀX inside the layer loop
         "calibration": _calibration_summary(calibration, sequences, sum(i["calibration_seconds"] for i in infos), calibration.mode if calibration else ""),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,6 +180,55 @@ def test_sharded_output_loads_like_one_file(source, recipe, tmp_path):
     b, _ = factorport.load(sharded)
     assert torch.equal(a(ids).logits, b(ids).logits)
     assert stored(one).keys() == stored(sharded).keys()
+
+
+def widened_copy(source: Path, directory: Path) -> Path:
+    """`source` (bfloat16) with every tensor made float32: the same values."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, directory)
+    tensors = {k: t.float() for k, t in safetensors_dir.read_file_tensors(source / "model.safetensors").items()}
+    save_file(tensors, directory / "model.safetensors", {"format": "pt"})
+    return directory
+
+
+RTN_LINEARS = """name: tiny-rtn
+calibration: {samples: 2, seq_len: 32}
+steps:
+  - quantize: {targets: [linears], method: rtn, bits: 4, group_size: 32, symmetric: true}
+"""
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_tables_are_written_as_read_and_load_widened(tied, tmp_path):
+    """A bfloat16 source's embedding and output tables stay bfloat16 on disk
+    (the norms float32, as the model computes), and the loaded model equals,
+    logit for logit, the conversion of the same values stored in float32."""
+    half = tiny_source(tmp_path / "half", layers=2, dtype="bfloat16", tie_word_embeddings=tied)
+    full = widened_copy(half, tmp_path / "full")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RTN_LINEARS)
+    outs = {name: factorport.convert(str(src), recipe=str(recipe), output=tmp_path / f"out-{name}", progress=False) for name, src in (("half", half), ("full", full))}
+    tables = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    assert safetensors_dir.read_metadata(outs["half"] / "safetensors")["table_dtype"] == "bfloat16"
+    assert safetensors_dir.read_metadata(outs["full"] / "safetensors")["table_dtype"] is None
+    on_disk = stored(outs["half"])
+    assert [on_disk[t].dtype for t in tables] == [torch.bfloat16] * len(tables) and ("lm_head.weight" in on_disk) != tied
+    assert on_disk["model.norm.weight"].dtype == torch.float32
+    half_model, _ = factorport.load(outs["half"])
+    full_model, _ = factorport.load(outs["full"])
+    assert half_model.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(half_model(ids).logits, full_model(ids).logits)
+
+
+def test_a_compressed_tied_table_is_compressed_from_float32(recipe, tmp_path):
+    """The one table of a tied model, compressed, is not a plain table: no table_dtype."""
+    half = tiny_source(tmp_path / "half", layers=2, dtype="bfloat16")
+    out = factorport.convert(str(half), recipe=str(recipe), output=tmp_path / "out", progress=False)
+    meta = safetensors_dir.read_metadata(out / "safetensors")
+    assert meta["tied_embeddings"] and meta["table_dtype"] is None and "lm_head" in meta["linears"]
+    assert "model.embed_tokens.weight" not in stored(out)
 
 
 def test_a_shard_missing_from_the_index_is_refused(source, recipe, tmp_path):

@@ -257,6 +257,9 @@ def _rank_everywhere(meta):
         (lambda m: m["shared"][GROUP0].update(in_features=32), rf"{Q0} \(rank 4, in 64\) does not fit its shared group {GROUP0} \(rank 4, in 32\)"),
         (lambda m: m.update(tied_embeddings=False), r"tensor 'model.embed_tokens.weight' is missing from the file"),
         (lambda m: m.update(format_version="1"), r"format_version = 1 is not a version number"),
+        (lambda m: m.update(table_dtype="int8"), r"table_dtype = int8 is not one of float16, bfloat16"),
+        (lambda m: m.update(format_version=2), r"top level is .*, expected the keys .*'shared'\]"),  # table_dtype is new in 3
+        (lambda m: m.pop("table_dtype"), r"top level is .*, expected the keys .*'table_dtype'\]"),
         (lambda m: m["linears"].pop(Q0), rf"shared group {GROUP0} lists {Q0}, whose V is not the group's"),
         (lambda m: m["shared"].update({"model.layers.0.self_attn.q_proj": m["shared"].pop(GROUP0)}), r"refers to shared projection"),
     ],

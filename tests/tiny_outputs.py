@@ -12,8 +12,9 @@ TEXT = DATA / "wiki.test.raw"
 RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn, bits: 8, group_size: 64, symmetric: true}\n"
 
 
-def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", **config) -> Path:
-    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3) + BPE tokenizer of vocab <= 128."""
+def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", dtype: str = "float32", **config) -> Path:
+    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3),
+    saved in `dtype`, + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -32,7 +33,7 @@ def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", **config)
             **config,
         }
     )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(getattr(torch, dtype))
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -64,6 +64,7 @@ class Piece:
     seconds: float = 0.0
     calibration_seconds: float = 0.0  # of `seconds`: the forward passes and XᵀX
     dense_hidden: torch.Tensor | None = None  # mode asymmetric: the uncompressed model's `hidden`
+    table_dtype: str | None = None  # the rest: the 16-bit type its plain embedding/output tables keep
 
 
 @dataclass
@@ -132,14 +133,27 @@ class LayerDriver:
         decoder = self.model.get_submodule(self.arch.decoder)
         decoder.get_submodule(self.arch.rotary).to(self.device)  # its tables, computed from the config
 
-    def _load_head(self) -> None:
+    def _load_head(self, targeted: bool) -> str | None:
+        """The output projection: float32 when a step compresses it, else as
+        stored. Plain tables keep the source's 16-bit type (written as read:
+        an 8B model's two are 2.1 GB in bfloat16, 4.2 GB in float32); returns
+        that type, None when they are float32."""
         embedding = self.model.get_submodule(self.arch.embed)
-        embedding.weight = nn.Parameter(embedding.weight.float(), requires_grad=False)
         head = self.model.get_submodule(self.arch.lm_head)
         if getattr(self.model.config, "tie_word_embeddings", False):
-            head.weight = self.model.get_submodule(self.arch.embed).weight  # one table for both
+            if targeted:  # the one table is compressed: from float32
+                embedding.weight = nn.Parameter(embedding.weight.float(), requires_grad=False)
+            head.weight = embedding.weight  # one table for both
+            tables = [] if targeted else [embedding]
         else:
-            self._read(head, self.arch.lm_head)
+            self._read(head, self.arch.lm_head, dtype=torch.float32 if targeted else None)
+            tables = [embedding] if targeted else [embedding, head]
+        kept = {t.weight.dtype for t in tables}
+        if len(kept) != 1 or not kept <= {torch.float16, torch.bfloat16}:  # float32 (or mixed) tables: float32 throughout
+            for table in tables:
+                table.weight = nn.Parameter(table.weight.float(), requires_grad=False)
+            return None
+        return str(kept.pop()).removeprefix("torch.")
 
     # ---------------------------------------------------------- activations
 
@@ -246,11 +260,11 @@ class LayerDriver:
     def head(self, hidden: torch.Tensor | None, calibration: str) -> Piece:
         """Embedding, final norm and output projection: compressed when a step targets the lm_head."""
         started = time.perf_counter()
-        self._load_head()
         name = self.arch.lm_head
         reports, calibrated = [], 0.0
         with scope([name]):
             targeted = any(compressible_linears(self.model, cfg.targets) for _, cfg in self.steps)
+        table_dtype = self._load_head(targeted)
         if targeted and hidden is None:
             reports = self._compress([name], None, self.model.get_submodule(name))
         elif targeted:
@@ -263,7 +277,7 @@ class LayerDriver:
             stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
             calibrated = time.perf_counter() - started
             reports = self._compress([name], stats, self.model.get_submodule(name))
-        return Piece(-1, "", [name], reports, None, time.perf_counter() - started, calibrated)
+        return Piece(-1, "", [name], reports, None, time.perf_counter() - started, calibrated, table_dtype=table_dtype)
 
     def release(self, piece: Piece) -> None:
         """Free a written layer: its modules stay as meta-device shapes."""

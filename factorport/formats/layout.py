@@ -29,8 +29,9 @@ from ..ops import BlockSparseBase, CompressedLinear, DenseBase, Projection, Quan
 from ..ops.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 FORMAT_NAME = "factorport"
-# 1: one model.safetensors; 2: also sharded, with model.safetensors.index.json (docs/FORMAT.md)
-FORMAT_VERSION = 2
+# 1: one model.safetensors; 2: also sharded, with model.safetensors.index.json;
+# 3: `table_dtype`, embedding and output tables kept in the source's 16-bit type (docs/FORMAT.md)
+FORMAT_VERSION = 3
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -64,8 +65,10 @@ def describe_linears(model, names) -> tuple[dict, dict]:
     return linears, shared
 
 
-def layout(model_type: str, tied_embeddings: bool, fragments) -> dict:
-    """The layout metadata from `(linears, shared)` fragments (in model order)."""
+def layout(model_type: str, tied_embeddings: bool, fragments, table_dtype: str | None = None) -> dict:
+    """The layout metadata from `(linears, shared)` fragments (in model order);
+    `table_dtype`: the dtype the plain embedding and output tables are stored
+    in, when not the model dtype."""
     linears, shared = {}, {}
     for part_linears, part_shared in fragments:
         linears.update(part_linears)
@@ -77,6 +80,7 @@ def layout(model_type: str, tied_embeddings: bool, fragments) -> dict:
         "tied_embeddings": tied_embeddings,
         "linears": linears,
         "shared": shared,
+        "table_dtype": table_dtype,
     }
 
 
@@ -94,6 +98,7 @@ DTYPE_CODES = {
     "int8": "I8", "uint8": "U8", "int16": "I16", "int32": "I32", "int64": "I64",
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+TABLE_DTYPES = ("float16", "bfloat16")  # what `table_dtype` may name: narrower than the model's float32
 # Expected dtype of the tensors the layout does not type (norms, embeddings,
 # linears left dense, biases): one float dtype shared by all of them.
 MODEL_DTYPE = "model dtype"
@@ -103,7 +108,8 @@ GGML_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4",
 )
-TOP_KEYS = ("format", "format_version", "model_type", "tied_embeddings", "linears", "shared")
+TOP_KEYS = ("format", "format_version", "model_type", "tied_embeddings", "linears", "shared", "table_dtype")
+OLD_TOP_KEYS = TOP_KEYS[:-1]  # versions 1 and 2: no table_dtype (the tables have the model dtype)
 LINEAR_KEYS = ("in_features", "out_features", "bias", "base", "lowrank")
 LOWRANK_KEYS = ("rank", "dtype", "shared")
 GROUP_KEYS = ("rank", "in_features", "dtype", "members")
@@ -157,8 +163,10 @@ def check_header(meta: dict, source: str) -> None:
         raise _fail(source, f"the layout's format_version = {str(version)[:40]} is not a version number")
     if version > FORMAT_VERSION:
         raise FactorportError(f"{source}: layout version {version} is newer than this factorport reads ({FORMAT_VERSION}); upgrade")
-    _record(meta, TOP_KEYS, "top level", source)
+    _record(meta, TOP_KEYS if version >= 3 else OLD_TOP_KEYS, "top level", source)
     _flag(meta["tied_embeddings"], "tied_embeddings", source)
+    if meta.get("table_dtype") not in (None, *TABLE_DTYPES):
+        raise _fail(source, f"the layout's table_dtype = {str(meta['table_dtype'])[:40]} is not one of {', '.join(TABLE_DTYPES)} (or null)")
     for key in ("linears", "shared"):
         if not isinstance(meta[key], dict):
             raise _fail(source, f"the layout's {key} is not a JSON object")
@@ -302,17 +310,26 @@ def _check_group_name(group: str, linears: dict, skeleton, source: str) -> None:
         raise _fail(source, f"shared group name {group[:80]!r} is not a free module name beside its members")
 
 
-def _plain_tensors(skeleton, linears: dict, tied: bool, arch) -> Expected:
+def table_names(arch) -> tuple[str, str]:
+    """The embedding and output tables, the tensors `table_dtype` applies to."""
+    return f"{arch.embed}.weight", f"{arch.lm_head}.weight"
+
+
+def _plain_tensors(skeleton, meta: dict, arch) -> Expected:
     """Tensors the layout does not describe: the skeleton's own, less the
     compressed linears, the tied output projection (stored once, as the
-    embedding) and, with a compressed tied table, the embedding."""
+    embedding) and, with a compressed tied table, the embedding. The tables
+    have `table_dtype` where the layout sets one."""
+    linears, tied = meta["linears"], meta["tied_embeddings"]
     alias = f"{arch.lm_head}.weight" if getattr(skeleton.config, "tie_word_embeddings", False) else None
+    table_code = DTYPE_CODES[meta["table_dtype"]] if meta.get("table_dtype") else MODEL_DTYPE
+    tables = table_names(arch)
     tensors = {}
     for key, t in skeleton.state_dict(keep_vars=True).items():
         owner = key.rpartition(".")[0]
         if key == alias or owner in linears or (tied and owner == arch.embed):
             continue
-        tensors[key] = (tuple(t.shape), MODEL_DTYPE)
+        tensors[key] = (tuple(t.shape), table_code if key in tables else MODEL_DTYPE)
     return tensors
 
 
@@ -334,7 +351,7 @@ def expected_tensors(meta: dict, skeleton, source: str) -> Expected:
         expected.update(_linear_tensors(name, entry, skeleton.get_submodule(name), shared, source))
     for group, info in shared.items():
         expected.update(_group_tensors(group, info, linears, skeleton, source))
-    expected.update(_plain_tensors(skeleton, linears, meta["tied_embeddings"], arch))
+    expected.update(_plain_tensors(skeleton, meta, arch))
     return expected
 
 
@@ -439,3 +456,17 @@ def rebuild(model, meta: dict, tensors: dict, source: str = "the file") -> None:
     if meta.get("tied_embeddings"):
         old = model.get_input_embeddings()
         model.set_input_embeddings(TiedEmbedding(model.get_submodule(arch.lm_head), getattr(old, "padding_idx", None)))
+
+
+def widen_tables(model, meta: dict) -> None:
+    """Give tables stored in `table_dtype` the model dtype (the final norm's),
+    after the file's tensors are attached: the model computes as it did before
+    saving (a 16-bit float widens exactly)."""
+    if not meta.get("table_dtype"):
+        return
+    arch = arch_for(model.config)
+    dtype = model.get_submodule(arch.norm).weight.dtype
+    for name in table_names(arch):
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, (nn.Embedding, nn.Linear)) and module.weight.dtype != dtype:
+            module.weight = nn.Parameter(module.weight.to(dtype), requires_grad=False)

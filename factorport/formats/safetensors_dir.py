@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..architectures import ARCHITECTURES
 from ..errors import FactorportError
-from .layout import describe, layout, rebuild, verify_tensors
+from .layout import describe, layout, rebuild, verify_tensors, widen_tables
 
 SUBDIR = "safetensors"  # inside a `factorport convert` output
 WEIGHTS = "model.safetensors"
@@ -211,13 +211,15 @@ def piece_info(path: Path) -> dict:
     return info
 
 
-def assemble(staging: Path, directory: Path, model_type: str, tied: bool, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+def assemble(
+    staging: Path, directory: Path, model_type: str, tied: bool, table_dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict:
     """The final safetensors files of `directory` from the pieces in
     `staging`: one `model.safetensors` when the pieces hold at most
     `max_shard_bytes`, else one shard per piece and the index. Returns the layout."""
     pieces = piece_files(staging)
     infos = [piece_info(p) for p in pieces]
-    meta = layout(model_type, tied, [(i["linears"], i["shared"]) for i in infos])
+    meta = layout(model_type, tied, [(i["linears"], i["shared"]) for i in infos], table_dtype)
     total = sum(p.stat().st_size for p in pieces)
     if total <= max_shard_bytes:
         merge_files(pieces, directory / WEIGHTS, {"format": "pt", METADATA_KEY: json.dumps(meta)})
@@ -621,6 +623,7 @@ def attach(model, meta: dict, tensors: dict[str, torch.Tensor], source: str) -> 
         bad = (missing or result.unexpected_keys)[0]
         what = "missing" if missing else "unexpected"
         raise FactorportError(f"{source}: tensor '{bad}' is {what}; the file does not match its layout, re-export it")
+    widen_tables(model, meta)
     if not meta.get("tied_embeddings") and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     materialize(model, source)
