@@ -36,6 +36,9 @@ class ArchSpec:
     rotary: str = "rotary_emb"  # relative to the decoder: (x, position_ids) -> cos, sin
     # RMS norms over each head of q and of k, before rotary (relative to the attention)
     qk_norms: tuple[str, str] | None = None
+    # the projections of q, k and v (relative to the attention): three linears,
+    # or one whose output rows are q's, then k's, then v's
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     # whether its tokenizers may carry the pre-tokenizer regex Mistral fixed
     # (transformers >= 4.57.3 then decides, and warns, for itself)
     mistral_regex: bool = False
@@ -91,11 +94,33 @@ def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistr
     )
 
 
+def _phi3() -> ArchSpec:
+    """Phi-3: q/k/v one linear (`qkv_proj`), gate and up one linear
+    (`gate_up_proj`, gate's rows first). Each fused linear is kept whole, so a
+    layer has four linears, each its own input group; llama.cpp's phi3 reads
+    them fused too (attn_qkv, ffn_up of 2 x ffn rows)."""
+    linears = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    return ArchSpec(
+        model_type="phi3",
+        layers="model.layers",
+        linears=linears,
+        input_groups=tuple((name,) for name in linears),
+        embed="model.embed_tokens",
+        lm_head="lm_head",
+        qkv_bias=False,
+        qkv=("qkv_proj",),
+        gguf_arch="phi3",
+        gguf_linears=MappingProxyType(dict(zip(linears, ("attn_qkv", "attn_output", "ffn_up", "ffn_down")))),
+        gguf_norms=_LLAMA_GGUF_NORMS,
+    )
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _llama_family("llama", "llama"),
     "mistral": _llama_family("mistral", "llama", mistral_regex=True),  # llama.cpp runs Mistral as llama
     "qwen2": _llama_family("qwen2", "qwen2", qkv_bias=True),
     "qwen3": _llama_family("qwen3", "qwen3", qk_norms=True),  # no q/k/v bias; head size set apart from the width
+    "phi3": _phi3(),
 }
 
 

@@ -33,6 +33,9 @@ def _build(arch: str, seed: int = 0, **overrides):
     elif arch == "qwen3":  # heads of 32 on a width of 64, as Qwen3-0.6B's 16 x 128 on 1024
         config = transformers.Qwen3Config(**{"head_dim": 32, **tiny}, tie_word_embeddings=True)
         cls = transformers.Qwen3ForCausalLM
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj; its default token ids are of a 32k vocabulary
+        config = transformers.Phi3Config(**tiny, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cls = transformers.Phi3ForCausalLM
     else:  # pragma: no cover
         raise ValueError(arch)
     model = cls(config).eval()
@@ -52,7 +55,7 @@ def _build(arch: str, seed: int = 0, **overrides):
 
 @pytest.fixture
 def make_model():
-    """Factory: make_model('llama' | 'mistral' | 'qwen2' | 'qwen3', seed=0, **config overrides) -> a fresh tiny model."""
+    """Factory: make_model('llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3', seed=0, **config overrides) -> a fresh tiny model."""
     return _build
 
 

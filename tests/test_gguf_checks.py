@@ -442,17 +442,33 @@ def test_mutants_never_reach_llamacpp(out, mutate, needle):
     assert "ERROR" in result.stdout and needle in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
 def test_other_architectures_pass(make_model, stats_for, tmp_path, arch):
     """Untied output (mistral), q/k/v biases (qwen2), q/k norms and a head size
-    apart from the width (qwen3): what factorport writes passes."""
+    apart from the width (qwen3), fused q/k/v and gate/up (phi3): what
+    factorport writes passes."""
     model = make_model(arch)
     apply(model, parse_recipe(RECIPE).steps, stats_for(model), progress=False)
     export(model, None, tmp_path, progress=False)
     reader = check_model(tmp_path / MODEL_FILE)
-    particular = {"mistral": "output.weight", "qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight"}[arch]
+    particular = {"mistral": "output.weight", "qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight"}[arch]
     assert particular in {t.name for t in reader.tensors}
     check_adapter(reader, tmp_path / ADAPTER_FILE)
+
+
+def test_a_phi3_name_needs_the_phi3_tokens(make_model, tmp_path):
+    """A general.name saying Phi-3 makes llama.cpp look up </s>, <unk>, <s> and
+    <|endoftext|> by text, and fail the load if one is absent (an unnamed
+    model is not named after its family for that reason)."""
+    model = make_model("phi3")
+    (tmp_path / "unnamed").mkdir()
+    (tmp_path / "named").mkdir()
+    export(model, None, tmp_path / "unnamed", progress=False)
+    check_model(tmp_path / "unnamed" / MODEL_FILE)
+    model.config._name_or_path = "microsoft/Phi-3-mini-4k-instruct"
+    with pytest.raises(FactorportError, match=r"Phi-3 tokens \['</s>', '<unk>', '<s>', '<\|endoftext\|>'\]"):
+        export(model, None, tmp_path / "named", progress=False)  # no tokenizer: placeholder tokens
+        check_model(tmp_path / "named" / MODEL_FILE)
 
 
 def test_the_embedded_sample_passes():

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from factorport.architectures import arch_for
 from factorport.converters import FactorizeConfig, QuantizeConfig, apply
 from factorport.converters.ranks import RankPolicy
 from factorport.errors import FactorportError
@@ -22,6 +23,11 @@ GROUP = "model.layers.0.self_attn.qkv_shared"
 QKV = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
 
 
+def _members(model) -> list[str]:
+    """Layer 0's linears that read the attention input: q/k/v, or phi3's one fused linear."""
+    return [f"model.layers.0.{rel}" for rel in arch_for(model.config).input_groups[0]]
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
@@ -32,7 +38,7 @@ def _share_qkv(model, rank=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     proj = Projection(0.1 * torch.randn(rank, model.config.hidden_size, generator=g))
     model.set_submodule(GROUP, proj)
-    for name in QKV:
+    for name in _members(model):
         m = model.get_submodule(name)
         m.set_lowrank(0.1 * torch.randn(m.out_features, rank, generator=g), proj, GROUP)
     return proj
@@ -54,7 +60,7 @@ def _save(model, directory):
     return safetensors_dir.save(model, None, directory)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
 def test_round_trip_bit_identical(make_model, input_ids, tmp_path, arch):
     model = make_model(arch)
     _compress(model)
@@ -67,16 +73,17 @@ def test_round_trip_bit_identical(make_model, input_ids, tmp_path, arch):
     # in the real decoder q/k/v read one tensor: the shared V·x is computed once per forward
     assert loaded.get_submodule(GROUP).calls == 1
     # the loaded graph is the compressed one, not a densified copy
-    q = loaded.get_submodule(QKV[0])
+    members = _members(model)
+    q = loaded.get_submodule(members[0])
     assert isinstance(q, CompressedLinear) and isinstance(q.base, QuantizedBase)
     assert q.shared_name == GROUP and q.V is loaded.get_submodule(GROUP)
-    assert all(loaded.get_submodule(n).V is q.V for n in QKV)
+    assert all(loaded.get_submodule(n).V is q.V for n in members)
     assert describe(loaded) == meta
     if arch == "llama":
         assert isinstance(loaded.get_input_embeddings(), TiedEmbedding)
         assert loaded.get_input_embeddings()._linear is loaded.lm_head
     if arch == "qwen2":
-        assert all(loaded.get_submodule(n).bias is not None for n in QKV)
+        assert all(loaded.get_submodule(n).bias is not None for n in members)
         assert torch.equal(loaded.get_submodule(QKV[1]).bias, model.get_submodule(QKV[1]).bias)
 
 

@@ -42,7 +42,7 @@ def torch_logits(model, ids):
         return model(ids.reshape(1, -1)).logits[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_llamacpp_logits_match_torch_and_the_adapter_closes_the_gap(make_model, stats_for, tmp_path, window, arch):
     model = make_model(arch)
     # per-linear EoRA with a ratio policy: ranks differ between tensors, so

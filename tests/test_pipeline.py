@@ -74,7 +74,7 @@ def test_one_decoder_layer_in_float32_at_a_time(source, recipe, tmp_path, monkey
     assert sorted(alive) == [0, 1, 2, 3] and peak["layers"] == 1
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def any_source(request, tmp_path_factory) -> Path:
     config = {"head_dim": 32} if request.param == "qwen3" else {}  # heads wider than width / heads, as Qwen3's
     return tiny_source(tmp_path_factory.mktemp(request.param) / "source", layers=4, arch=request.param, **config)
@@ -85,7 +85,7 @@ def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(any_sou
     seq = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "seq", progress=False))
     par = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "par", mode="parallel", progress=False))
     assert seq.keys() == par.keys()
-    first = "model.layers.0.self_attn.q_proj.base.codes"  # layer 0 sees the same inputs either way
+    first = "model.layers.0.self_attn.o_proj.base.codes"  # layer 0 sees the same inputs either way
     assert torch.equal(seq[first], par[first])
     assert not torch.equal(seq["model.layers.3.mlp.down_proj.base.codes"], par["model.layers.3.mlp.down_proj.base.codes"])
 

@@ -13,7 +13,7 @@ RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn,
 
 
 def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", dtype: str = "float32", **config) -> Path:
-    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3),
+    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3, phi3),
     saved in `dtype`, + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
@@ -30,6 +30,8 @@ def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", dtype: st
         **{
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True,
+            # Phi-3's default token ids are of its 32k vocabulary
+            **({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if arch == "phi3" else {}),
             **config,
         }
     )

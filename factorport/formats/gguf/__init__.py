@@ -39,7 +39,8 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
     if progress:
         print(f"factorport: gguf: planning tensors (re-quantized tensors -> {type_name})")
     plan = plan_model(model, type_name)
-    name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+    # not the family's name when the model has none: llama.cpp reads "phi3" in a name as a Phi-3 vocabulary
+    name = getattr(model.config, "_name_or_path", "") or "unnamed"
     tokenizer_how = write_model(out_dir / MODEL_FILE, plan, model, tokenizer, str(name))
     if plan.lora:
         write_adapter(out_dir / ADAPTER_FILE, plan, arch.gguf_arch)

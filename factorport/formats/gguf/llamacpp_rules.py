@@ -9,7 +9,7 @@ checks here are complete for what factorport writes: every key llama.cpp
 reads has the type and range it needs, unknown keys under the prefixes it
 reads are refused, every tensor has the shape the metadata implies and a
 type from an allowed set. Derived from the vendored llama.cpp
-(src/llama-model.cpp, models/llama.cpp, models/qwen2.cpp, models/qwen3.cpp, src/llama-vocab.cpp,
+(src/llama-model.cpp, models/llama.cpp, models/qwen2.cpp, models/qwen3.cpp, models/phi3.cpp, src/llama-vocab.cpp,
 src/llama-adapter.cpp).
 """
 
@@ -30,9 +30,18 @@ BIASES = {
     "llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
     "qwen2": ("attn_q", "attn_k", "attn_v"),
     "qwen3": ("attn_q", "attn_k", "attn_v"),
+    "phi3": (),
 }
+_SEPARATE = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# llama.cpp's architecture -> the linears of a block (models/phi3.cpp: q/k/v
+# fused in attn_qkv; ffn_up holds gate's rows, then up's, and no ffn_gate)
+BLOCK_LINEARS = {"llama": _SEPARATE, "qwen2": _SEPARATE, "qwen3": _SEPARATE, "phi3": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
 # llama.cpp's architecture -> its per-block norms over each head of q and k (models/qwen3.cpp)
 HEAD_NORMS = {"qwen3": ("attn_q_norm", "attn_k_norm")}
+# a general.name containing one of these makes llama.cpp set attributes of
+# these tokens by text, failing the load when one is absent (src/llama-vocab.cpp)
+PHI3_NAMES = ("phi-3", "phi3")
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 BLOCK_NORMS = ("attn_norm", "ffn_norm")  # the per-block norms of every architecture above
 # types a weight matrix may have: those factorport writes (its lossless blocks,
 # the --gguf-type choices and the per-tensor types of llama.cpp's mixes)
@@ -180,8 +189,8 @@ def _hyper_parameters(layout: Layout, arch: str) -> HyperParameters:
     rot = get("rope.dimension_count", head_k)
     if rot != head_k:
         _fail(layout, f"key {arch}.rope.dimension_count is {rot}; llama.cpp's {arch} needs the head size {head_k}")
-    if arch == "qwen2" and head_k * n_head != n_embd:
-        _fail(layout, f"key {arch}.attention.key_length is {head_k}; qwen2 in llama.cpp needs head_count x head size = embedding_length {n_embd}")
+    if arch in ("qwen2", "phi3") and head_k * n_head != n_embd:
+        _fail(layout, f"key {arch}.attention.key_length is {head_k}; {arch} in llama.cpp needs head_count x head size = embedding_length {n_embd}")
     for suffix in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
         value = get(suffix, 1.0)
         if not (math.isfinite(value) and value > 0):
@@ -217,6 +226,11 @@ def _check_tokenizer(layout: Layout, n_vocab: int) -> None:
         if token in seen:
             _fail(layout, f"key tokenizer.ggml.tokens: token {i} repeats token {seen[token]} ({token[:40]!r})")
         seen[token] = i
+    name = layout.kv.get("general.name")
+    if name is not None and name.type == STRING and any(s in name.value.lower() for s in PHI3_NAMES):
+        missing = [t for t in PHI3_TOKENS if t not in seen]
+        if missing:
+            _fail(layout, f"key general.name is {shown(repr(name.value))}, so llama.cpp looks up the Phi-3 tokens {missing}, which the vocabulary lacks (loading fails); export with the model's tokenizer")
     for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         kv = layout.kv.get(key)
         if kv is not None and len(kv.value) != n_vocab:
@@ -234,8 +248,10 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
     """{name: (ggml-order dims, role, required)} of every tensor llama.cpp's
     `arch` loads for these hyper-parameters."""
     q, kv_k, kv_v = h.head_k * h.n_head, h.head_k * h.n_head_kv, h.head_v * h.n_head_kv
-    rows = {"attn_q": q, "attn_k": kv_k, "attn_v": kv_v, "attn_output": h.n_embd, "ffn_gate": h.n_ff, "ffn_up": h.n_ff, "ffn_down": h.n_embd}
-    cols = {"attn_q": h.n_embd, "attn_k": h.n_embd, "attn_v": h.n_embd, "attn_output": q, "ffn_gate": h.n_embd, "ffn_up": h.n_embd, "ffn_down": h.n_ff}
+    stems = BLOCK_LINEARS[arch]
+    up = h.n_ff if "ffn_gate" in stems else 2 * h.n_ff  # without ffn_gate, ffn_up carries the gate too
+    rows = {"attn_q": q, "attn_k": kv_k, "attn_v": kv_v, "attn_qkv": q + kv_k + kv_v, "attn_output": h.n_embd, "ffn_gate": h.n_ff, "ffn_up": up, "ffn_down": h.n_embd}
+    cols = {"attn_output": q, "ffn_down": h.n_ff}
     expected = {
         TOKEN_EMBEDDING: ((h.n_embd, h.n_vocab), WEIGHT, True),
         OUTPUT: ((h.n_embd, h.n_vocab), WEIGHT, False),
@@ -246,8 +262,8 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
             expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)
         for stem in HEAD_NORMS.get(arch, ()):
             expected[f"blk.{i}.{stem}.weight"] = ((h.head_k,), NORM, True)
-        for stem in rows:
-            expected[f"blk.{i}.{stem}.weight"] = ((cols[stem], rows[stem]), WEIGHT, True)
+        for stem in stems:
+            expected[f"blk.{i}.{stem}.weight"] = ((cols.get(stem, h.n_embd), rows[stem]), WEIGHT, True)
             if stem in BIASES[arch]:
                 expected[f"blk.{i}.{stem}.bias"] = ((rows[stem],), BIAS, False)
     return expected

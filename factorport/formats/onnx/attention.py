@@ -156,12 +156,21 @@ class FusedAttention(nn.Module):
     then one GroupQueryAttention, then o_proj. The layer's cache entry is
     replaced by the node's present key/value."""
 
-    def __init__(self, attention: nn.Module, inputs: DecoderInputs, shape: AttentionShape, qk_norms: tuple[str, str] | None = None) -> None:
+    def __init__(self, attention: nn.Module, inputs: DecoderInputs, shape: AttentionShape, arch) -> None:
         super().__init__()
         self.attention = attention
         self.inputs = inputs
         self.shape = shape
-        self.qk_norms = qk_norms
+        self.qk_norms = arch.qk_norms
+        self.qkv = arch.qkv
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v: three linears, or the row blocks of one fused linear."""
+        linears = [self.attention.get_submodule(name) for name in self.qkv]
+        if len(linears) == 3:
+            return tuple(linear(x) for linear in linears)
+        q_width, kv_width = self.shape.num_heads * self.shape.head_dim, self.shape.kv_heads * self.shape.head_dim
+        return linears[0](x).split([q_width, kv_width, kv_width], dim=-1)
 
     def _head_norm(self, x: torch.Tensor, which: int, heads: int) -> torch.Tensor:
         """The family's RMS norm over each head of q or k (before rotary), if it has one."""
@@ -174,7 +183,7 @@ class FusedAttention(nn.Module):
 
     def forward(self, hidden_states, past_key_values=None, **kwargs):
         attn, shape = self.attention, self.shape
-        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+        q, k, v = self._projections(hidden_states)
         q, k = self._head_norm(q, 0, shape.num_heads), self._head_norm(k, 1, shape.kv_heads)
         layer = None if past_key_values is None else past_key_values.layers[attn.layer_idx]
         if layer is not None and layer.is_initialized:
@@ -207,7 +216,7 @@ def replacements(model, arch) -> tuple[dict[str, nn.Module], DecoderInputs | Non
     modules = {}
     for index in range(len(model.get_submodule(arch.layers))):
         name = f"{arch.layers}.{index}.{arch.attention}"
-        modules[name] = FusedAttention(model.get_submodule(name), inputs, shape, arch.qk_norms)
+        modules[name] = FusedAttention(model.get_submodule(name), inputs, shape, arch)
     return modules, inputs
 
 
