@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from gguf import GGUFReader
 
 from factorport.converters import apply
 from factorport.errors import FactorportError
@@ -63,6 +64,30 @@ def test_llamacpp_logits_match_torch_and_the_adapter_closes_the_gap(make_model, 
     scale = reference.abs().max().item()
     assert error < 0.02 * scale, (error, scale)
     assert error < error_base / 3  # the low-rank terms are applied, unscaled
+
+
+# Llama 3.1+'s rotary scaling, its wavelength bounds moved inside the tiny
+# model's (head size 16): the first frequency interpolated, the other seven divided by the factor
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(make_model, tmp_path, window):
+    model = make_model("llama", rope_scaling=LLAMA3_ROPE)
+    out = exported(model, tmp_path, "F32")
+    factors = next(t for t in GGUFReader(out / MODEL_FILE).tensors if t.name == "rope_freqs.weight").data
+    assert 1 < factors[0] < 8 and list(factors[1:]) == pytest.approx([8.0] * 7)
+    backend = LlamaCppBackend.open(out)
+    try:
+        error = (backend.logits(window) - torch_logits(model, window)).abs().max().item()
+    finally:
+        backend.close()
+    assert error < 1e-3 * torch_logits(model, window).abs().max().item()
+
+
+def test_rope_scalings_llamacpp_would_compute_otherwise_are_refused(make_model, tmp_path):
+    model = make_model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    with pytest.raises(FactorportError, match="does not carry rope scaling 'yarn' for llama"):
+        exported(model, tmp_path)
 
 
 def test_generate_is_greedy_and_timed(make_model, tmp_path, window):

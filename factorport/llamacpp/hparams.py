@@ -1,8 +1,15 @@
-"""The `{arch}.*` hyper-parameter keys llama.cpp reads to build a model's graph."""
+"""The `{arch}.*` hyper-parameter keys llama.cpp reads to build a model's
+graph, and its per-dimension rotary frequency factors (`rope_freqs`)."""
 
 from __future__ import annotations
 
+import torch
+
+from ..errors import FactorportError
 from .names import gguf_arch
+
+# llama.cpp's graphs that read rope_freqs.weight (src/models/llama.cpp)
+ROPE_FREQS_ARCHS = ("llama",)
 
 CONTEXT_DEFAULT = 2048  # when the config names no maximum position
 
@@ -28,3 +35,25 @@ def hparams(config) -> dict:
         meta[f"{a}.attention.key_length"] = head_dim
         meta[f"{a}.attention.value_length"] = head_dim
     return meta
+
+
+def rope_freqs(model) -> torch.Tensor | None:
+    """llama.cpp's `rope_freqs.weight` for a model whose rotary rescales each
+    frequency once (Llama 3.1+'s `llama3`, `linear`): the factor each of its
+    `head size / 2` frequencies is divided by, read off the model's own
+    rotary module against the unscaled frequencies; None when unscaled.
+    Scalings llama.cpp would compute otherwise are refused."""
+    arch = gguf_arch(model.config)
+    rotary = model.get_submodule(f"{arch.decoder}.{arch.rotary}")
+    kind = getattr(rotary, "rope_type", "default")
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "linear") or getattr(rotary, "attention_scaling", 1.0) != 1.0 or arch.gguf_arch not in ROPE_FREQS_ARCHS:
+        raise FactorportError(
+            f"GGUF export does not carry rope scaling '{kind}' for {model.config.model_type} (llama.cpp would rotate "
+            "other frequencies); export ONNX or the safetensors layout, which keep the model's own rotary"
+        )
+    scaled = rotary.inv_freq.double()
+    dims = 2 * scaled.numel()
+    unscaled = float(model.config.rope_theta) ** -(torch.arange(0, dims, 2, dtype=torch.float64) / dims)
+    return (unscaled / scaled).float()

@@ -18,6 +18,7 @@ from ..errors import FactorportError
 TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
 OUTPUT_NORM = "output_norm.weight"
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def gguf_arch(config) -> ArchSpec:

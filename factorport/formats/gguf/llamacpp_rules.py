@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 
 from ...errors import FactorportError
-from ...llamacpp.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING
+from ...llamacpp.hparams import ROPE_FREQS_ARCHS
+from ...llamacpp.names import OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBEDDING
 from .structure import ARRAY, BOOL, FLOAT32, INT32, REEXPORT, STRING, UINT32, KeyValue, Layout, shown, type_name
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -257,6 +258,8 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
         OUTPUT: ((h.n_embd, h.n_vocab), WEIGHT, False),
         OUTPUT_NORM: ((h.n_embd,), NORM, True),
     }
+    if arch in ROPE_FREQS_ARCHS:  # a rescaled rotary's per-frequency factors
+        expected[ROPE_FREQS] = ((h.head_k // 2,), NORM, False)
     for i in range(h.n_layer):
         for stem in BLOCK_NORMS:
             expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)

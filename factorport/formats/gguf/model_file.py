@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ...architectures import linear_names
-from ...llamacpp.hparams import hparams
-from ...llamacpp.names import OUTPUT, TOKEN_EMBEDDING, gguf_arch, linear_tensor, norm_weights, row_order
+from ...llamacpp.hparams import hparams, rope_freqs
+from ...llamacpp.names import OUTPUT, ROPE_FREQS, TOKEN_EMBEDDING, gguf_arch, linear_tensor, norm_weights, row_order
 from ...llamacpp.quantize import quantize_model
 from ...ops import CompressedLinear, TiedEmbedding
 from . import codecs
@@ -128,6 +128,9 @@ class Planner:
         self._weight(TOKEN_EMBEDDING, head if isinstance(embed, TiedEmbedding) else embed, None, allow_lora=False)
         for name, weight in norm_weights(self.model).items():
             self._float(name, weight)
+        factors = rope_freqs(self.model)
+        if factors is not None:
+            self._float(ROPE_FREQS, factors)
         for name in linear_names(self.model, self.arch, include_lm_head=False):
             module = self.model.get_submodule(name)
             stem = linear_tensor(name, self.arch)
