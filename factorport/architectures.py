@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
+
 from .errors import FactorportError
 
 
@@ -39,6 +41,10 @@ class ArchSpec:
     # the projections of q, k and v (relative to the attention): three linears,
     # or one whose output rows are q's, then k's, then v's
     qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    # RMS norms scale by norm_offset + weight (Gemma: 1 + weight)
+    norm_offset: float = 0.0
+    # the token embedding's rows are multiplied by sqrt(hidden size) (Gemma)
+    embedding_scaled: bool = False
     # whether its tokenizers may carry the pre-tokenizer regex Mistral fixed
     # (transformers >= 4.57.3 then decides, and warns, for itself)
     mistral_regex: bool = False
@@ -115,12 +121,40 @@ def _phi3() -> ArchSpec:
     )
 
 
+def _gemma3() -> ArchSpec:
+    """Gemma 3 (text): Llama's linears around four norms a layer (before and
+    after attention and MLP) whose scale is 1 + weight, per-head q/k norms,
+    sliding-window layers between global ones, an embedding scaled by
+    sqrt(hidden)."""
+    norms = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    }
+    return ArchSpec(
+        model_type="gemma3_text",
+        layers="model.layers",
+        linears=_LLAMA_LINEARS,
+        input_groups=_LLAMA_GROUPS,
+        embed="model.embed_tokens",
+        lm_head="lm_head",
+        qkv_bias=False,
+        qk_norms=("q_norm", "k_norm"),
+        norm_offset=1.0,
+        embedding_scaled=True,
+        gguf_arch="gemma3",
+        gguf_linears=_LLAMA_GGUF_LINEARS,
+        gguf_norms=MappingProxyType(norms),
+    )
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _llama_family("llama", "llama"),
     "mistral": _llama_family("mistral", "llama", mistral_regex=True),  # llama.cpp runs Mistral as llama
     "qwen2": _llama_family("qwen2", "qwen2", qkv_bias=True),
     "qwen3": _llama_family("qwen3", "qwen3", qk_norms=True),  # no q/k/v bias; head size set apart from the width
     "phi3": _phi3(),
+    "gemma3_text": _gemma3(),
 }
 
 
@@ -141,6 +175,14 @@ def arch_for(config) -> ArchSpec:
             f"architecture '{model_type}' is not supported; supported: {supported}"
         )
     return ARCHITECTURES[model_type]
+
+
+def embedding_scale(config) -> float:
+    """What the family multiplies embedding rows by: sqrt(hidden) as a float32,
+    as Gemma's embedding computes it, or 1."""
+    if not arch_for(config).embedding_scaled:
+        return 1.0
+    return float(np.float32(config.hidden_size**0.5))
 
 
 def layer_count(model, arch: ArchSpec) -> int:

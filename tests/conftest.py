@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from factorport.tiny import TINY, correlated_activations, random_stats  # noqa: F401 (tests import them from here)
+from tiny_outputs import perturb_norms
 
 
 def _build(arch: str, seed: int = 0, **overrides):
@@ -36,6 +37,12 @@ def _build(arch: str, seed: int = 0, **overrides):
     elif arch == "phi3":  # fused qkv_proj and gate_up_proj; its default token ids are of a 32k vocabulary
         config = transformers.Phi3Config(**tiny, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         cls = transformers.Phi3ForCausalLM
+    elif arch == "gemma3_text":  # a sliding layer (window 8) and a global one; heads of 16 need q scaled by 1/4
+        config = transformers.Gemma3TextConfig(
+            **{"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], **tiny},
+            tie_word_embeddings=True,
+        )
+        cls = transformers.Gemma3ForCausalLM
     else:  # pragma: no cover
         raise ValueError(arch)
     model = cls(config).eval()
@@ -45,6 +52,8 @@ def _build(arch: str, seed: int = 0, **overrides):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     assert proj.bias is not None
                     proj.bias.normal_(0, 0.5)
+    if arch == "gemma3_text":  # HF initializes Gemma's norms to zeros (a scale of 1 + 0); make them matter
+        perturb_norms(model)
     if arch == "qwen3":  # HF initializes the q/k norms to ones; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
@@ -55,7 +64,7 @@ def _build(arch: str, seed: int = 0, **overrides):
 
 @pytest.fixture
 def make_model():
-    """Factory: make_model('llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3', seed=0, **config overrides) -> a fresh tiny model."""
+    """Factory: make_model('llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3' | 'gemma3_text', seed=0, **config overrides) -> a fresh tiny model."""
     return _build
 
 

@@ -12,29 +12,33 @@ import pytest
 import torch
 
 import factorport
+from factorport.architectures import ARCHITECTURES
 from test_pipeline import RECIPE
 from tiny_outputs import TEXT, tiny_source
 
 
-@pytest.mark.parametrize(("arch", "config", "particular", "optimum"), [
+@pytest.mark.parametrize(("arch", "config", "particular", "optimum", "attention"), [
     # q/k norms and heads wider than width / heads (Qwen3-0.6B: 16 x 128 on
     # 1024). Optimum 2.1's ORTModelForCausalLM sizes qwen3's empty past as
     # width / heads, so it cannot run such a model (docs/onnx.md)
-    ("qwen3", {"head_dim": 32}, "blk.0.attn_q_norm.weight", False),
+    ("qwen3", {"head_dim": 32}, "blk.0.attn_q_norm.weight", False, "GroupQueryAttention"),
     # q/k/v one linear, gate/up one linear, kept fused in llama.cpp's phi3 too;
     # as many kv heads as heads, as Phi-3-mini (Optimum 2.1 runs phi3 so)
-    ("phi3", {"num_key_value_heads": 4}, "blk.0.attn_qkv.weight", True),
+    ("phi3", {"num_key_value_heads": 4}, "blk.0.attn_qkv.weight", True, "GroupQueryAttention"),
+    # sliding and global layers (traced: GroupQueryAttention here has no
+    # window), norms of 1 + weight, the embedding scaled by sqrt(hidden)
+    ("gemma3_text", {}, "blk.0.post_ffw_norm.weight", True, "traced"),
 ])
-def test_converts_exports_and_validates_on_every_backend(tmp_path, arch, config, particular, optimum):
+def test_converts_exports_and_validates_on_every_backend(tmp_path, arch, config, particular, optimum, attention):
     source = tiny_source(tmp_path / "source", layers=2, arch=arch, **config)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     out = factorport.convert(str(source), recipe=str(tmp_path / "recipe.yaml"), output=tmp_path / "out", progress=False)
     factorport.export(out, formats=["onnx", "gguf"], progress=False)
 
     onnx_report = json.loads((out / "report" / "export-onnx.json").read_text())
-    assert onnx_report["attention"] == "GroupQueryAttention"  # fused, not traced
+    assert onnx_report["attention"] == attention
     reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
-    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch  # llama.cpp's own graph
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == ARCHITECTURES[arch].gguf_arch  # llama.cpp's own graph
     assert particular in {t.name for t in reader.tensors}
 
     if optimum:  # Optimum's runtime class loads the same directory and computes the same logits

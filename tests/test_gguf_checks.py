@@ -442,16 +442,17 @@ def test_mutants_never_reach_llamacpp(out, mutate, needle):
     assert "ERROR" in result.stdout and needle in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3", "gemma3_text"])
 def test_other_architectures_pass(make_model, stats_for, tmp_path, arch):
     """Untied output (mistral), q/k/v biases (qwen2), q/k norms and a head size
-    apart from the width (qwen3), fused q/k/v and gate/up (phi3): what
-    factorport writes passes."""
+    apart from the width (qwen3), fused q/k/v and gate/up (phi3), norms
+    around attention and MLP and sliding layers (gemma3): what factorport
+    writes passes."""
     model = make_model(arch)
     apply(model, parse_recipe(RECIPE).steps, stats_for(model), progress=False)
     export(model, None, tmp_path, progress=False)
     reader = check_model(tmp_path / MODEL_FILE)
-    particular = {"mistral": "output.weight", "qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight"}[arch]
+    particular = {"mistral": "output.weight", "qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight", "gemma3_text": "blk.0.post_ffw_norm.weight"}[arch]
     assert particular in {t.name for t in reader.tensors}
     check_adapter(reader, tmp_path / ADAPTER_FILE)
 

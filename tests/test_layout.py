@@ -60,7 +60,7 @@ def _save(model, directory):
     return safetensors_dir.save(model, None, directory)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text"])
 def test_round_trip_bit_identical(make_model, input_ids, tmp_path, arch):
     model = make_model(arch)
     _compress(model)

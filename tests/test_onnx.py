@@ -131,7 +131,7 @@ def test_quantized_linears_become_matmulnbits_with_shared_v_computed_once(make_m
     assert report["parity"]["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"])
 def test_factorized_and_biased_models_match_torch(make_model, stats_for, input_ids, tmp_path, arch):
     model = compressed(make_model, stats_for, "svd-90", arch)
     out, _, graph = exported(model, tmp_path)

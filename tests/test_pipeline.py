@@ -74,7 +74,7 @@ def test_one_decoder_layer_in_float32_at_a_time(source, recipe, tmp_path, monkey
     assert sorted(alive) == [0, 1, 2, 3] and peak["layers"] == 1
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"])
 def any_source(request, tmp_path_factory) -> Path:
     config = {"head_dim": 32} if request.param == "qwen3" else {}  # heads wider than width / heads, as Qwen3's
     return tiny_source(tmp_path_factory.mktemp(request.param) / "source", layers=4, arch=request.param, **config)

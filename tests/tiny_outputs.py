@@ -12,8 +12,30 @@ TEXT = DATA / "wiki.test.raw"
 RECIPE = "name: tiny-w8\nsteps:\n  - quantize: {targets: [linears], method: rtn, bits: 8, group_size: 64, symmetric: true}\n"
 
 
+ARCH_DEFAULTS = {
+    # Phi-3's default token ids are of its 32k vocabulary
+    "phi3": lambda layers: {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # heads of 16 (q scaled by 1/4), sliding (window 8) and global layers in turn
+    "gemma3_text": lambda layers: {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+    },
+}
+
+
+def perturb_norms(model) -> None:
+    """Gemma's norms start at zero (a scale of 1 + 0): random ones make the offset matter."""
+    import torch
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+
+
 def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", dtype: str = "float32", **config) -> Path:
-    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3, phi3),
+    """A Hugging Face directory: a tiny random `arch` (llama, mistral, qwen2, qwen3, phi3, gemma3_text),
     saved in `dtype`, + BPE tokenizer of vocab <= 128."""
     import torch
     import transformers
@@ -30,12 +52,13 @@ def tiny_source(directory: Path, layers: int = 2, arch: str = "llama", dtype: st
         **{
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True,
-            # Phi-3's default token ids are of its 32k vocabulary
-            **({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if arch == "phi3" else {}),
+            **ARCH_DEFAULTS.get(arch, lambda layers: {})(layers),
             **config,
         }
     )
     model = transformers.AutoModelForCausalLM.from_config(config).eval().to(getattr(torch, dtype))
+    if arch == "gemma3_text":
+        perturb_norms(model)
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -81,11 +81,15 @@ class _Captured(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for layer 0 to capture what the decoder passes it."""
+    """Stands in for a decoder layer to record what the decoder passes it
+    (layers may differ: Gemma 3 gives sliding and global layers their own
+    masks). It passes the hidden states on untouched, so nothing computes;
+    the last one raises, so nothing after the layers runs."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, index: int, record: dict, last: bool) -> None:
         super().__init__()
         self.__dict__["_layer"] = layer  # not a submodule: only read
+        self.index, self.record, self.last = index, record, last
 
     def __getattr__(self, name: str):
         # the decoder may read the layer's own attributes before calling it
@@ -96,7 +100,10 @@ class _Catcher(nn.Module):
             return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden, **kwargs):
-        raise _Captured(hidden, kwargs)
+        self.record[self.index] = (hidden, kwargs)
+        if self.last:
+            raise _Captured()
+        return hidden
 
 
 @dataclass
@@ -114,7 +121,7 @@ class LayerDriver:
         self.arch = arch_for(self.model.config)
         self.layers = self.model.get_submodule(self.arch.layers)
         self._load_embedding()
-        self._kwargs: dict | None = None
+        self._kwargs: list[dict] | None = None  # per layer
         self.dense_hidden: torch.Tensor | None = None  # mode asymmetric: the uncompressed model's hidden states
 
     # ----------------------------------------------------------- the source
@@ -161,36 +168,38 @@ class LayerDriver:
     def embed(self, sequences: list[torch.Tensor]) -> torch.Tensor:
         """The hidden states entering layer 0, (sequences, tokens, hidden)."""
         out = []
-        first = self.layers[0]
-        self.layers[0] = _Catcher(first)
+        layers, record = list(self.layers), {}
+        for i, layer in enumerate(layers):
+            self.layers[i] = _Catcher(layer, i, record, last=i == len(layers) - 1)
         decoder = self.model.get_submodule(self.arch.decoder)
         try:
             embedding = self.model.get_submodule(self.arch.embed)
             for seq in sequences:
                 try:  # float32 from the start (a bfloat16 table would give bfloat16 rotary tables)
                     decoder(inputs_embeds=embedding(seq.to(self.device)).float(), use_cache=False)
-                except _Captured as captured:
-                    hidden, self._kwargs = captured.args
-                    out.append(hidden[0])
+                except _Captured:
+                    out.append(record[0][0][0])
+                    self._kwargs = [record[i][1] for i in range(len(layers))]
                 else:  # pragma: no cover - a decoder that does not call its layers
-                    raise FactorportError("the decoder did not call its first layer; this architecture needs its own driver")
+                    raise FactorportError("the decoder did not call its layers; this architecture needs its own driver")
         finally:
-            self.layers[0] = first
+            for i, layer in enumerate(layers):
+                self.layers[i] = layer
         return torch.stack(out)
 
-    def _layer_kwargs(self, length: int) -> dict:
+    def _layer_kwargs(self, index: int, length: int) -> dict:
         if self._kwargs is None:  # resumed: capture them from one dummy sequence
             self.embed([torch.zeros(1, length, dtype=torch.long)])
-        return self._kwargs
+        return self._kwargs[index]
 
     @torch.inference_mode()
-    def _forward(self, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None, keep: bool = True) -> None:
+    def _forward(self, index: int, layer: nn.Module, hidden: torch.Tensor, collector: GramCollector | None = None, keep: bool = True) -> None:
         """Run `hidden` through `layer`, batch by batch; with `keep`, each
         batch's output replaces its input in place (sequences are independent),
         so the calibration activations exist once however many layers run.
         With mode asymmetric and a collector, each batch of the uncompressed
         model's hidden states runs first (recorded, and advanced in place)."""
-        kwargs = self._layer_kwargs(hidden.shape[1])
+        kwargs = self._layer_kwargs(index, hidden.shape[1])
         # batched as `collect` batches the whole model (and one dequantization
         # of a compressed layer per batch)
         batch = max(1, BATCH_TOKENS // hidden.shape[1])
@@ -242,7 +251,7 @@ class LayerDriver:
         collector = GramCollector(self.model, names, hidden.shape[0], self.device, shifts=asymmetric)
         # sequential: the uncompressed outputs only feed the statistics; the
         # compressed layer's replace the inputs below. parallel: they are the next inputs
-        self._forward(layer, hidden, collector, keep=self.mode == "parallel")
+        self._forward(index, layer, hidden, collector, keep=self.mode == "parallel")
         stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
         del collector
         if asymmetric:
@@ -252,7 +261,7 @@ class LayerDriver:
         compressed_at = time.perf_counter()
         compressed = self.layers[index]  # the steps replaced its linears in place
         if self.mode != "parallel":
-            self._forward(compressed, hidden)
+            self._forward(index, compressed, hidden)
         done = time.perf_counter()
         return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at),
                      self.dense_hidden)

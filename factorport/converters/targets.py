@@ -13,7 +13,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
-from ..architectures import arch_for, linear_names, select
+from ..architectures import arch_for, embedding_scale, linear_names, select
 from ..errors import FactorportError
 from ..ops import CompressedLinear, TiedEmbedding
 
@@ -63,5 +63,5 @@ def replace_linear(model, name: str, new: CompressedLinear) -> None:
     model.set_submodule(name, new)
     if tied:
         old = model.get_input_embeddings()
-        model.set_input_embeddings(TiedEmbedding(new, getattr(old, "padding_idx", None)))
+        model.set_input_embeddings(TiedEmbedding(new, getattr(old, "padding_idx", None), embedding_scale(model.config)))
 

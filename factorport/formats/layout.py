@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..architectures import arch_for, linear_names
+from ..architectures import arch_for, embedding_scale, linear_names
 from ..errors import FactorportError
 from ..ops import BlockSparseBase, CompressedLinear, DenseBase, Projection, QuantizedBase, QuantSpec, TiedEmbedding
 from ..ops.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
@@ -455,7 +455,7 @@ def rebuild(model, meta: dict, tensors: dict, source: str = "the file") -> None:
         model.set_submodule(name, module)
     if meta.get("tied_embeddings"):
         old = model.get_input_embeddings()
-        model.set_input_embeddings(TiedEmbedding(model.get_submodule(arch.lm_head), getattr(old, "padding_idx", None)))
+        model.set_input_embeddings(TiedEmbedding(model.get_submodule(arch.lm_head), getattr(old, "padding_idx", None), embedding_scale(model.config)))
 
 
 def widen_tables(model, meta: dict) -> None:

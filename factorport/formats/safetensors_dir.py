@@ -567,17 +567,32 @@ def _skeleton(directory: Path, meta: dict, tensors: dict[str, TensorEntry], sour
 
 
 def compute_buffers(model, source: str) -> None:
-    """Compute the buffers a checkpoint does not store (rotary inv_freq), on
-    the CPU, by building those modules again from the config."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
+    """Compute the buffers a checkpoint does not store (rotary inv_freq,
+    Gemma's embedding scale), on the CPU: the model is built again from its
+    config with its parameters on the meta device (accelerate keeps buffers
+    real there). A module holding only such buffers (a rotary) is replaced
+    whole, so that attributes computed beside them come along; elsewhere
+    only the buffers are taken."""
+    owners = {name.rpartition(".")[0] for name, b in model.named_buffers() if b.is_meta}
+    if not owners:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(), no_init_weights():
+            fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a config this transformers builds otherwise
+        raise FactorportError(f"{source}: cannot compute the buffers of this config ({str(exc)[:80]}); re-export it") from None
+    for name in sorted(owners):
+        module, built = model.get_submodule(name), fresh.get_submodule(name)
+        if not list(module.parameters(recurse=False)):
             parent, _, leaf = name.rpartition(".")
-            try:
-                with no_init_weights():
-                    fresh = type(module)(config=model.config)
-            except (TypeError, ValueError, KeyError) as exc:  # a module this transformers builds otherwise
-                raise FactorportError(f"{source}: cannot compute {name} of this config ({str(exc)[:80]}); re-export it") from None
-            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+            setattr(model.get_submodule(parent) if parent else model, leaf, built)
+            continue
+        for leaf, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                module._buffers[leaf] = built.get_buffer(leaf)
 
 
 def materialize(model, source: str) -> None:

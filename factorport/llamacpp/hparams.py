@@ -34,6 +34,28 @@ def hparams(config) -> dict:
     if head_dim != config.hidden_size // heads:
         meta[f"{a}.attention.key_length"] = head_dim
         meta[f"{a}.attention.value_length"] = head_dim
+    if a == "gemma3":
+        meta.update(_gemma3(config, head_dim))
+    return meta
+
+
+def _gemma3(config, head_dim: int) -> dict:
+    """llama.cpp's gemma3 (src/models/gemma3.cpp): which layers slide and how
+    far, the sliding layers' rotary base, the final soft cap. Its graph scales
+    q by 1 / sqrt(head size) and has no attention soft cap."""
+    if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim or getattr(config, "attn_logit_softcapping", None):
+        raise FactorportError(
+            "GGUF export: llama.cpp's gemma3 scales q by 1/sqrt(head size) and caps no attention logits; "
+            f"this config has query_pre_attn_scalar {config.query_pre_attn_scalar} and attn_logit_softcapping "
+            f"{config.attn_logit_softcapping}; export ONNX or the safetensors layout"
+        )
+    sliding = [kind == "sliding_attention" for kind in config.layer_types]
+    meta = {"gemma3.rope.freq_base_swa": float(config.rope_local_base_freq)}
+    if any(sliding):
+        meta["gemma3.attention.sliding_window"] = int(config.sliding_window)
+        meta["gemma3.attention.sliding_window_pattern"] = sliding
+    if getattr(config, "final_logit_softcapping", None):
+        meta["gemma3.final_logit_softcapping"] = float(config.final_logit_softcapping)
     return meta
 
 

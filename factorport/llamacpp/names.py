@@ -42,13 +42,17 @@ def linear_tensor(name: str, arch: ArchSpec) -> str:
 
 
 def norm_weights(model) -> dict[str, torch.Tensor]:
-    """{GGUF name: weight} of every norm: each layer's, then the final one."""
+    """{GGUF name: scale} of every norm: each layer's, then the final one.
+    llama.cpp multiplies by the stored tensor, so a family whose norms scale
+    by 1 + weight (Gemma) stores 1 + weight."""
     arch = gguf_arch(model.config)
     norms = {}
     for i, layer in enumerate(model.get_submodule(arch.layers)):
         for rel, stem in arch.gguf_norms.items():
             norms[f"blk.{i}.{stem}.weight"] = layer.get_submodule(rel).weight
     norms[OUTPUT_NORM] = model.get_submodule(arch.norm).weight
+    if arch.norm_offset:
+        norms = {name: weight.float() + arch.norm_offset for name, weight in norms.items()}
     return norms
 
 

@@ -145,15 +145,17 @@ class TiedEmbedding(nn.Module):
     """Token embedding that reads its table from a compressed output projection,
     so a tied model stores the compressed table once and uses it both ways."""
 
-    def __init__(self, linear: CompressedLinear, padding_idx: int | None = None) -> None:
+    def __init__(self, linear: CompressedLinear, padding_idx: int | None = None, scale: float = 1.0) -> None:
         super().__init__()
         object.__setattr__(self, "_linear", linear)
         self.num_embeddings = linear.out_features
         self.embedding_dim = linear.in_features
         self.padding_idx = padding_idx
+        self.scale = scale  # what the rows are multiplied by (Gemma: sqrt(hidden))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._linear.rows(ids)
+        rows = self._linear.rows(ids)
+        return rows if self.scale == 1.0 else rows * self.scale
 
     @property
     def weight(self) -> torch.Tensor:

@@ -32,13 +32,19 @@ BIASES = {
     "qwen2": ("attn_q", "attn_k", "attn_v"),
     "qwen3": ("attn_q", "attn_k", "attn_v"),
     "phi3": (),
+    "gemma3": (),
 }
 _SEPARATE = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # llama.cpp's architecture -> the linears of a block (models/phi3.cpp: q/k/v
 # fused in attn_qkv; ffn_up holds gate's rows, then up's, and no ffn_gate)
-BLOCK_LINEARS = {"llama": _SEPARATE, "qwen2": _SEPARATE, "qwen3": _SEPARATE, "phi3": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
+BLOCK_LINEARS = {
+    "llama": _SEPARATE, "qwen2": _SEPARATE, "qwen3": _SEPARATE, "gemma3": _SEPARATE,
+    "phi3": ("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+}
 # llama.cpp's architecture -> its per-block norms over each head of q and k (models/qwen3.cpp)
-HEAD_NORMS = {"qwen3": ("attn_q_norm", "attn_k_norm")}
+HEAD_NORMS = {"qwen3": ("attn_q_norm", "attn_k_norm"), "gemma3": ("attn_q_norm", "attn_k_norm")}
+# llama.cpp's architecture -> its norms after attention and after the MLP (models/gemma3.cpp)
+POST_NORMS = {"gemma3": ("post_attention_norm", "post_ffw_norm")}
 # a general.name containing one of these makes llama.cpp set attributes of
 # these tokens by text, failing the load when one is absent (src/llama-vocab.cpp)
 PHI3_NAMES = ("phi-3", "phi3")
@@ -68,7 +74,13 @@ ARCH_KEYS = {
     "rope.freq_base": (FLOAT32, False),
     "rope.dimension_count": (UINT32, False),
     "vocab_size": (UINT32, False),
+    # gemma3's sliding layers (attention.sliding_window_pattern: one BOOL a block)
+    "attention.sliding_window": (UINT32, False),
+    "attention.sliding_window_pattern": (ARRAY, False),
+    "rope.freq_base_swa": (FLOAT32, False),
+    "final_logit_softcapping": (FLOAT32, False),
 }
+ARCH_ARRAY_ITEMS = {"attention.sliding_window_pattern": BOOL}
 # general.* keys llama.cpp reads with a fixed type (others it only prints)
 GENERAL_KEYS = {
     "general.architecture": STRING, "general.type": STRING, "general.name": STRING,
@@ -150,7 +162,7 @@ def _check_keys(layout: Layout, arch: str) -> None:
             suffix = key.removeprefix(f"{arch}.")
             if suffix not in ARCH_KEYS:
                 _fail(layout, f"key {shown(key)} is not a hyper-parameter factorport writes (llama.cpp may assert on it)")
-            _expect_type(layout, key, kv, ARCH_KEYS[suffix][0])
+            _expect_type(layout, key, kv, ARCH_KEYS[suffix][0], ARCH_ARRAY_ITEMS.get(suffix))
         elif key.startswith("tokenizer."):
             if key not in TOKENIZER_KEYS:
                 _fail(layout, f"key {shown(key)} is not a tokenizer key factorport writes")
@@ -192,7 +204,10 @@ def _hyper_parameters(layout: Layout, arch: str) -> HyperParameters:
         _fail(layout, f"key {arch}.rope.dimension_count is {rot}; llama.cpp's {arch} needs the head size {head_k}")
     if arch in ("qwen2", "phi3") and head_k * n_head != n_embd:
         _fail(layout, f"key {arch}.attention.key_length is {head_k}; {arch} in llama.cpp needs head_count x head size = embedding_length {n_embd}")
-    for suffix in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+    pattern = get("attention.sliding_window_pattern")
+    if pattern is not None and len(pattern) != n_layer:
+        _fail(layout, f"key {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layer} blocks")
+    for suffix in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "final_logit_softcapping"):
         value = get(suffix, 1.0)
         if not (math.isfinite(value) and value > 0):
             _fail(layout, f"key {arch}.{suffix} is {value}; llama.cpp needs a finite positive number")
@@ -262,6 +277,8 @@ def expected_tensors(arch: str, h: HyperParameters) -> dict[str, tuple[tuple[int
         expected[ROPE_FREQS] = ((h.head_k // 2,), NORM, False)
     for i in range(h.n_layer):
         for stem in BLOCK_NORMS:
+            expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)
+        for stem in POST_NORMS.get(arch, ()):
             expected[f"blk.{i}.{stem}.weight"] = ((h.n_embd,), NORM, True)
         for stem in HEAD_NORMS.get(arch, ()):
             expected[f"blk.{i}.{stem}.weight"] = ((h.head_k,), NORM, True)

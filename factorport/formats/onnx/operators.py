@@ -106,6 +106,18 @@ class ExportEmbedding(nn.Module):
         return self.table[ids]
 
 
+class ScaledRows(nn.Module):
+    """An embedding lookup whose rows are multiplied by a constant (Gemma's sqrt(hidden))."""
+
+    def __init__(self, lookup: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids) * self.scale
+
+
 def embedding_module(linear: CompressedLinear) -> tuple[nn.Module, str]:
     """The lookup for a tied, compressed lm_head, and how it is computed.
 
@@ -221,7 +233,7 @@ def export_modules(model, densify_sparse: bool) -> tuple[dict[str, nn.Module], d
     embedding = model.get_input_embeddings()
     if isinstance(embedding, TiedEmbedding):
         module, how = embedding_module(embedding._linear)
-        replacements[arch.embed] = module
+        replacements[arch.embed] = module if embedding.scale == 1.0 else ScaledRows(module, embedding.scale)
         info["embedding"] = how
     return replacements, info
 
