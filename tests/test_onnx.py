@@ -14,12 +14,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tolerances import network_tolerance
 
-from factorport.converters import apply
+from factorport.converters import QuantizeConfig, apply
 from factorport.errors import FactorportError
 from factorport.formats.onnx import export
 from factorport.formats.onnx import nbits
 from factorport.formats.onnx.runtime import DecoderSession
-from factorport.ops import QuantizedBase, QuantSpec
+from factorport.ops import QuantizedBase, QuantSpec, TiedEmbedding
 from factorport.recipe import load_recipe
 from factorport.validators.backends.onnxruntime_backend import OnnxruntimeBackend
 from factorport.validators.backends.torch_backend import TorchBackend
@@ -136,6 +136,22 @@ def test_factorized_and_biased_models_match_torch(make_model, stats_for, input_i
     model = compressed(make_model, stats_for, "svd-90", arch)
     out, _, graph = exported(model, tmp_path)
     assert not nodes(graph, "MatMulNBits")
+    assert_parity(model, out, input_ids[1])
+
+
+def test_a_compressed_tied_table_keeps_gemmas_embedding_scale(make_model, input_ids, tmp_path):
+    """Gemma multiplies looked-up rows by sqrt(hidden); a TiedEmbedding that
+    reads the int8 lm_head must too, in torch and in the ONNX graph."""
+    model = make_model("gemma3_text")
+    dense = torch_logits(model, input_ids[1])
+    spec = QuantizeConfig(targets=("lm_head",), method="rtn", bits=8, group_size=32, symmetric=True)
+    apply(model, [("quantize", spec)], None, progress=False)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, TiedEmbedding) and embedding.scale == pytest.approx(8.0)
+    got = torch_logits(model, input_ids[1])
+    assert (got - dense).abs().max() < 0.05 * dense.abs().max()  # int8 rounding, not a missing factor of 8
+    out, report, graph = exported(model, tmp_path)
+    assert report["embedding"] == "GatherBlockQuantized int8" and nodes(graph, "GatherBlockQuantized")
     assert_parity(model, out, input_ids[1])
 
 
