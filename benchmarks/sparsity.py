@@ -65,7 +65,7 @@ def run(entry: str, out: Path, args, dense_linear_bytes: int) -> dict:
     linear_bytes = sum(r["bytes_after"] for r in report["layers"] if r["name"] != "lm_head")
     model, tok = factorport.load(out)
     ppl = factorport.perplexity(model, tok, windows=args.windows, progress=False)
-    print(f"{entry}: {seconds:.0f} s, ppl {ppl:.3f}", flush=True)
+    print(f"{entry}: {seconds:.0f} s, ppl {ppl:.3f}, decoder-linear bytes {linear_bytes / dense_linear_bytes:.1%} of fp16", flush=True)
     return {"entry": entry, "ppl": ppl, "linear_bytes_vs_fp16": linear_bytes / dense_linear_bytes, "convert_s": round(seconds)}
 
 
@@ -92,6 +92,8 @@ def main() -> None:
         for entry in entries:
             rows.append(run(entry, Path(tmp) / "out", args, dense_linear_bytes))
             shutil.rmtree(Path(tmp) / "out")
+            if args.json:  # after every row: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2) + "\n")
 
     limit = args.limit * dense_ppl
     print(f"\ndense (fp32): perplexity {dense_ppl:.3f} ({args.windows} windows); limit {args.limit}x = {limit:.2f}")
@@ -108,8 +110,6 @@ def main() -> None:
         print(f"\nsparsest block recipe within {args.limit}x dense: {best['entry']} ({best['ppl']:.3f})")
     else:
         print(f"\nno block recipe in the grid stays within {args.limit}x dense")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
