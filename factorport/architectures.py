@@ -79,10 +79,12 @@ _LLAMA_GGUF_LINEARS = MappingProxyType(dict(zip(_LLAMA_LINEARS, ("attn_q", "attn
 _LLAMA_GGUF_NORMS = MappingProxyType({"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"})
 
 
-def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistral_regex: bool = False, qk_norms: bool = False) -> ArchSpec:
-    norms = dict(_LLAMA_GGUF_NORMS)
+def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistral_regex: bool = False, qk_norms: bool = False,
+                  norms: dict[str, str] | None = None, **particular) -> ArchSpec:
+    """Llama's layer layout; `norms` replaces its GGUF norm names, `particular` sets other fields."""
+    gguf_norms = dict(norms or _LLAMA_GGUF_NORMS)
     if qk_norms:
-        norms.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+        gguf_norms.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     return ArchSpec(
         model_type=model_type,
         layers="model.layers",
@@ -96,7 +98,8 @@ def _llama_family(model_type: str, gguf_arch: str, qkv_bias: bool = False, mistr
         gguf_arch=gguf_arch,
         gguf_interleave_rotary=gguf_arch == "llama",
         gguf_linears=_LLAMA_GGUF_LINEARS,
-        gguf_norms=MappingProxyType(norms),
+        gguf_norms=MappingProxyType(gguf_norms),
+        **particular,
     )
 
 
@@ -121,31 +124,13 @@ def _phi3() -> ArchSpec:
     )
 
 
-def _gemma3() -> ArchSpec:
-    """Gemma 3 (text): Llama's linears around four norms a layer (before and
-    after attention and MLP) whose scale is 1 + weight, per-head q/k norms,
-    sliding-window layers between global ones, an embedding scaled by
-    sqrt(hidden)."""
-    norms = {
-        "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    }
-    return ArchSpec(
-        model_type="gemma3_text",
-        layers="model.layers",
-        linears=_LLAMA_LINEARS,
-        input_groups=_LLAMA_GROUPS,
-        embed="model.embed_tokens",
-        lm_head="lm_head",
-        qkv_bias=False,
-        qk_norms=("q_norm", "k_norm"),
-        norm_offset=1.0,
-        embedding_scaled=True,
-        gguf_arch="gemma3",
-        gguf_linears=_LLAMA_GGUF_LINEARS,
-        gguf_norms=MappingProxyType(norms),
-    )
+# Gemma 3 (text): four norms a layer (before and after attention and MLP),
+# each scaling by 1 + weight; sliding-window layers between global ones; an
+# embedding scaled by sqrt(hidden)
+_GEMMA3_GGUF_NORMS = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -154,7 +139,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _llama_family("qwen2", "qwen2", qkv_bias=True),
     "qwen3": _llama_family("qwen3", "qwen3", qk_norms=True),  # no q/k/v bias; head size set apart from the width
     "phi3": _phi3(),
-    "gemma3_text": _gemma3(),
+    "gemma3_text": _llama_family("gemma3_text", "gemma3", qk_norms=True, norms=_GEMMA3_GGUF_NORMS, norm_offset=1.0, embedding_scaled=True),
 }
 
 
