@@ -99,6 +99,15 @@ def test_sequential_and_parallel_differ_and_parallel_matches_whole_model(any_sou
         torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5 if tensor.is_floating_point() else 0, msg=name)
 
 
+def test_a_decoder_that_takes_its_layers_first_output_converts_at_any_depth(recipe, tmp_path):
+    """Gemma 3's decoder keeps `layer(...)[0]`: the layers stood in for while
+    recording must return what a layer returns, or the hidden states lose a
+    dimension per layer and a model deeper than four layers cannot convert."""
+    source = tiny_source(tmp_path / "source", layers=6, arch="gemma3_text")
+    out = stored(factorport.convert(str(source), recipe=str(recipe), output=tmp_path / "out", progress=False))
+    assert {int(n.split(".")[2]) for n in out if n.startswith("model.layers.")} == set(range(6))
+
+
 def test_asymmetric_targets_are_the_least_squares_fit_to_dense_outputs():
     """W' = W + W·E·(XᵀX)⁻¹ is the least-squares map from the inputs a layer
     gets to the uncompressed outputs, and for any Ŵ the asymmetric error is

@@ -83,8 +83,10 @@ class _Captured(Exception):
 class _Catcher(nn.Module):
     """Stands in for a decoder layer to record what the decoder passes it
     (layers may differ: Gemma 3 gives sliding and global layers their own
-    masks). It passes the hidden states on untouched, so nothing computes;
-    the last one raises, so nothing after the layers runs."""
+    masks). It passes the hidden states on untouched, as a 1-tuple (a
+    decoder either hands the result to the next layer, which is a catcher
+    too, or takes its [0], as Gemma 3's does), so nothing computes; the
+    last one raises, so nothing after the layers runs."""
 
     def __init__(self, layer: nn.Module, index: int, record: dict, last: bool) -> None:
         super().__init__()
@@ -103,7 +105,7 @@ class _Catcher(nn.Module):
         self.record[self.index] = (hidden, kwargs)
         if self.last:
             raise _Captured()
-        return hidden
+        return (hidden,)
 
 
 @dataclass
