@@ -61,7 +61,7 @@ def tensor_types(path: Path) -> str:
 def llamacpp_perplexity(directory: Path, windows: int, threads: int, adapter: bool = True) -> float:
     backend = LlamaCppBackend.open(directory, threads=threads, adapter=adapter)
     try:
-        ids = text_windows(backend.tokenize, DATA / "wiki.test.raw", windows, 512)
+        ids = text_windows(backend, DATA / "wiki.test.raw", windows, 512)
         return perplexity(backend.logits, ids, progress=False)
     finally:
         backend.close()

@@ -29,7 +29,7 @@ def nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 def compare(output: Path, windows: int, levels: list[int], threads: int | None) -> list[dict]:
     reference = open_output(output, "torch")
-    ids = text_windows(reference.tokenize, DEFAULT_TEXT, windows, 512)
+    ids = text_windows(reference, DEFAULT_TEXT, windows, 512)
     expected = [reference.logits(w) for w in ids]
     torch_nll = sum(nll(e, w)[0] for e, w in zip(expected, ids))
     count = sum(len(w) - 1 for w in ids)

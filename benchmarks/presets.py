@@ -1,4 +1,4 @@
-"""Convert the embedded SmolLM2-135M with every preset, in each calibration
+"""Convert an embedded model (SmolLM2-135M by default) with every preset, in each calibration
 mode (sequential: each layer fitted to what the compressed layers before it
 produce; parallel: every layer's statistics from the dense model; asymmetric:
 sequential inputs aimed at the dense model's outputs), and print,
@@ -6,7 +6,7 @@ per preset: linear-layer parameters and bytes against the dense model,
 perplexity on WikiText-2 test per mode next to dense, and convert seconds.
 A recipe that needs the whole model at once runs once ("whole model").
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/presets.py [--presets a,b] [--modes sequential,parallel] [--windows 40]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/presets.py [--model gemma3-270m] [--presets a,b] [--modes sequential,parallel] [--windows 40]
 
 Calibration: WikiText-2 validation (tokenized release), 128 x 512 tokens by
 default; perplexity: the first N windows of 512 tokens of wiki.test.raw.
@@ -31,7 +31,7 @@ ORDER = ["svd-90", "svd-90-uniform", "svd-90-plain", "w4-rtn", "w4-gptq", "w8-rt
 
 def convert_and_score(name: str, mode: str, out: Path, args, dense_linear_params: int) -> dict:
     started = time.perf_counter()
-    factorport.convert(None, recipe=name, output=out, samples=args.calib_samples, mode=mode, progress=False)
+    factorport.convert(args.model, recipe=name, output=out, samples=args.calib_samples, mode=mode, progress=False)
     seconds = time.perf_counter() - started
     summary = inspect_artifact(out)
     report = json.loads((out / "report" / "convert.json").read_text())
@@ -53,6 +53,7 @@ def convert_and_score(name: str, mode: str, out: Path, args, dense_linear_params
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="an embedded model's name, a Hugging Face directory or a .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--presets", default=",".join(p for p in ORDER if p in presets()))
     parser.add_argument("--modes", default=",".join(MODES), help="calibration modes to run each preset in")
     parser.add_argument("--windows", type=int, default=40)
@@ -61,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = args.modes.split(",")
 
-    dense_model, tokenizer = factorport.api.load_any(None)
+    dense_model, tokenizer = factorport.api.load_any(args.model)
     dense_ppl = factorport.perplexity(dense_model, tokenizer, windows=args.windows, progress=False)
     arch_linears = [
         m for n, m in dense_model.named_modules() if n.startswith("model.layers.") and hasattr(m, "weight") and m.weight.dim() == 2

@@ -33,7 +33,7 @@ from .formats import exporter, manifest, safetensors_dir
 from .formats.layout import describe_linears
 from .formats.safetensors_dir import SUBDIR as SAFETENSORS
 from .formats.safetensors_dir import find_artifact, save_side_files
-from .loading import load_model, open_source
+from .loading import load_model, open_source, source_argument
 from .ops import TiedEmbedding
 from .recipe import Recipe, load_recipe
 from .staging import ALLOCATION, STATE, finished, refuse_existing, resumable_output, staged_output
@@ -374,7 +374,7 @@ def backend_perplexity(backend, text: str | Path | None = None, windows: int = 4
     """Perplexity through any backend, on windows cut by the backend's own tokenizer."""
     from .validators.perplexity import perplexity as ppl, text_windows
 
-    ids = text_windows(backend.tokenize, text or DEFAULT_TEXT, windows, seq_len)
+    ids = text_windows(backend, text or DEFAULT_TEXT, windows, seq_len)
     return ppl(backend.logits, ids, progress=progress)
 
 
@@ -430,9 +430,8 @@ def evaluate_report(
     result["perplexity"] = evaluate(model_or_dir, text, windows, progress=progress, backend=backend, verify=False, timeout=timeout, **options)
     if info and reference and find_artifact(model_or_dir) is not None:
         source = info["source"]
-        dense = None if source["kind"] == "default" else source["path"]
         result["dense_name"] = source["name"]
-        result["dense_perplexity"] = evaluate(dense, text, windows, progress=progress)
+        result["dense_perplexity"] = evaluate(source_argument(source), text, windows, progress=progress)
         result["ratio"] = result["perplexity"] / result["dense_perplexity"]
     return result
 
@@ -474,12 +473,13 @@ def generate(
     With `chat`, the prompt is wrapped in the model's chat template first."""
     runtime = open_output(output, backend, verify=verify, timeout=timeout, **options)
     try:
+        start = runtime.text_start()  # the BOS a plain prompt needs; a chat template writes its own
         if chat:
             from .loading import saved_tokenizer
 
             tokenizer = saved_tokenizer(find_artifact(output))
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        ids = runtime.tokenize(prompt)
+            prompt, start = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True), []
+        ids = start + runtime.tokenize(prompt)
         return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)
     finally:
         _close(runtime)
@@ -572,7 +572,7 @@ def bench(
     output = Path(output)
     info = check_manifest(output, verify, required=True) or {}
     source = info.get("source") or {}
-    model_name = against or (None if source.get("kind", "default") == "default" else source.get("path"))
+    model_name = against or source_argument(source)
     config = BenchConfig(
         text=Path(text or DEFAULT_TEXT),
         prompt_tokens=prompt_tokens,

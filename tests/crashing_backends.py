@@ -46,6 +46,9 @@ class Counting:
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
+    def text_start(self) -> list[int]:
+        return []
+
     def detokenize(self, ids) -> str:
         return "".join(chr(i) for i in ids)
 

@@ -179,3 +179,15 @@ def test_adapter_of_another_model_is_refused(make_model, stats_for, tmp_path):
 def test_unknown_gguf_type_is_one_line_error(make_model, tmp_path):
     with pytest.raises(FactorportError, match="unknown --gguf-type 'Q9_Z'"):
         export(make_model("llama"), None, tmp_path, progress=False, gguf_type="Q9_Z")
+
+
+def test_an_embedded_vocabulary_matches_the_tokens_transformers_built_from_it():
+    """transformers' GGUF loader writes SentencePiece spaces as '▁', byte tokens
+    as their character, and may drop trailing tokens; anything else is another vocabulary."""
+    from factorport.formats.gguf.metadata import _same_vocabulary
+
+    gguf_tokens = ["<pad>", "<0x09>", "  ", "▁a", "b", "<unused>"]
+    assert _same_vocabulary(["<pad>", "\t", "▁▁", "▁a", "b"], gguf_tokens)
+    assert not _same_vocabulary(["<pad>", "\n", "▁▁", "▁a", "b"], gguf_tokens)
+    assert not _same_vocabulary(["<pad>", "\t", "▁▁", "▁a", "c"], gguf_tokens)
+    assert not _same_vocabulary(gguf_tokens + ["extra"], gguf_tokens)

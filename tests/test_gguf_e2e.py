@@ -43,7 +43,7 @@ def artifact(tmp_path_factory):
 def runs(artifact):
     model, tokenizer, out, _ = artifact
     with_adapter = LlamaCppBackend.open(out, threads=2)
-    windows = text_windows(with_adapter.tokenize, DATA / "wiki.test.raw", 3, 512)
+    windows = text_windows(with_adapter, DATA / "wiki.test.raw", 3, 512)
     torch_backend = TorchBackend(model, tokenizer)
     results = {"torch": [torch_backend.logits(w) for w in windows], "llama.cpp": [with_adapter.logits(w) for w in windows]}
     prompt = with_adapter.tokenize("The capital of France is")

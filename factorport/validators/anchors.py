@@ -71,8 +71,8 @@ def _source_gguf(source: Source, scratch: Path) -> Path:
     """A GGUF of the original weights: the source file itself when it is one
     (llama.cpp re-quantizes from its exact dequantized values), else an F32
     GGUF written by factorport's exporter."""
-    if source.kind in ("default", "gguf"):
-        return Path(source.path) if source.kind == "gguf" else embedded_gguf()
+    if source.kind in ("embedded", "gguf"):
+        return Path(source.path) if source.kind == "gguf" else embedded_gguf(source.name)
     from ..formats import exporter
 
     model, tokenizer, _ = load_model(source.path)

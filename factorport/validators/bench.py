@@ -271,7 +271,7 @@ def _worker(argv: list[str]) -> None:
     if args.perplexity_windows:
         from .perplexity import perplexity, text_windows
 
-        quality = perplexity(runtime.logits, text_windows(runtime.tokenize, args.text, args.perplexity_windows), progress=False)
+        quality = perplexity(runtime.logits, text_windows(runtime, args.text, args.perplexity_windows), progress=False)
     print(json.dumps({
         "perplexity": quality,
         "load_seconds": runtime.load_seconds,

@@ -1,8 +1,9 @@
 """Perplexity on real text, the same way for every backend: the text is
 tokenized once (no special tokens), cut into consecutive windows of
-`seq_len` tokens (stride = seq_len), and every window is scored
-independently; perplexity = exp(mean negative log-likelihood of all
-predicted tokens)."""
+`seq_len` tokens (stride = seq_len; each begins with the BOS when the
+runtime's tokenizer puts one before a text, as Gemma's does, and then holds
+that many fewer text tokens), and every window is scored independently;
+perplexity = exp(mean negative log-likelihood of all predicted tokens)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from tqdm import tqdm
 from ..errors import FactorportError
 
 
-def text_windows(tokenize: Callable[[str], list[int]], path: str | Path, windows: int, seq_len: int = 512) -> list[torch.Tensor]:
-    """`tokenize(text)` is the runtime's own tokenizer (no special tokens):
+def text_windows(backend, path: str | Path, windows: int, seq_len: int = 512) -> list[torch.Tensor]:
+    """The windows cut by `backend`'s own tokenizer (a validators.backends.Backend):
     each backend scores the text as it would cut it."""
     path = Path(path)
     if not path.is_file():
@@ -25,11 +26,12 @@ def text_windows(tokenize: Callable[[str], list[int]], path: str | Path, windows
     text = path.read_text(encoding="utf-8", errors="replace")
     # Tokenize only as much text as the windows need (4 characters a token is generous).
     need = windows * seq_len
-    ids = tokenize(text[: need * 8])
-    if len(ids) < seq_len:
+    ids, start = backend.tokenize(text[: need * 8]), backend.text_start()
+    step = seq_len - len(start)
+    if step < 1 or len(ids) < step:
         raise FactorportError(f"evaluation text {path} holds fewer than {seq_len} tokens; pass a longer text")
-    count = min(windows, len(ids) // seq_len)
-    return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]) for i in range(count)]
+    count = min(windows, len(ids) // step)
+    return [torch.tensor(start + ids[i * step : (i + 1) * step]) for i in range(count)]
 
 
 def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[torch.Tensor], progress: bool = True) -> float:

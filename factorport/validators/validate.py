@@ -73,7 +73,7 @@ def validate(output: str | Path, config: ValidateConfig) -> dict:
     thresholds = {**stored_thresholds(info, output), **config.thresholds}
     targets = resolve_backends(output, config.backends)
     reference = open_backend("torch", output)
-    windows = text_windows(reference.tokenize, config.text, config.windows, config.seq_len)
+    windows = text_windows(reference, config.text, config.windows, config.seq_len)
     result["windows"] = len(windows)
     runtimes, accumulators = {}, {}
     try:
@@ -176,14 +176,13 @@ def stored_thresholds(info: dict, output: Path) -> dict[str, float]:
 def _original_perplexity(info: dict, config: ValidateConfig, windows) -> tuple[str | None, float | None]:
     """Perplexity of the uncompressed model on the same windows (skipped when
     its tokenizer cuts the text differently: the numbers would not compare)."""
-    from ..loading import load_model
+    from ..loading import load_model, source_argument
     from .backends.torch_backend import TorchBackend
 
     source = info.get("source") or {}
-    name = config.against or (None if source.get("kind", "default") == "default" else source.get("path"))
-    model, tokenizer, loaded = load_model(name)
+    model, tokenizer, loaded = load_model(config.against or source_argument(source))
     original = TorchBackend(model, tokenizer)
-    if text_windows(original.tokenize, config.text, len(windows), config.seq_len)[0].tolist() != windows[0].tolist():
+    if text_windows(original, config.text, len(windows), config.seq_len)[0].tolist() != windows[0].tolist():
         return loaded.name, None
     return loaded.name, perplexity(original.logits, windows, progress=config.progress)
 

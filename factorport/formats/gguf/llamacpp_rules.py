@@ -86,7 +86,7 @@ GENERAL_KEYS = {
     "general.architecture": STRING, "general.type": STRING, "general.name": STRING,
     "general.alignment": UINT32, "general.quantization_version": UINT32, "general.file_type": UINT32,
 }
-# tokenizer keys factorport writes (or copies from the embedded sample): key -> (type, element type)
+# tokenizer keys factorport writes (or copies from an embedded model: SmolLM2, Gemma 3): key -> (type, element type)
 TOKENIZER_KEYS = {
     "tokenizer.ggml.model": (STRING, None),
     "tokenizer.ggml.pre": (STRING, None),
@@ -96,9 +96,11 @@ TOKENIZER_KEYS = {
     "tokenizer.ggml.merges": (ARRAY, STRING),
     "tokenizer.ggml.add_bos_token": (BOOL, None),
     "tokenizer.ggml.add_eos_token": (BOOL, None),
+    "tokenizer.ggml.add_sep_token": (BOOL, None),
     "tokenizer.ggml.add_space_prefix": (BOOL, None),
     "tokenizer.chat_template": (STRING, None),
 }
+TOKENIZER_MODELS = ("gpt2", "llama")  # llama.cpp's names of BPE and SentencePiece
 TOKEN_ID_KEYS = ("bos", "eos", "unknown", "padding", "seperator", "eot", "eom")
 TOKENIZER_KEYS.update({f"tokenizer.ggml.{k}_token_id": (UINT32, None) for k in TOKEN_ID_KEYS})
 ADAPTER_KEYS = {"adapter.type": STRING, "adapter.lora.alpha": FLOAT32}
@@ -229,9 +231,9 @@ def _token_count(layout: Layout) -> int:
 
 def _check_tokenizer(layout: Layout, n_vocab: int) -> None:
     model = layout.kv.get("tokenizer.ggml.model")
-    if model is None or model.value != "gpt2":
-        _fail(layout, f"key tokenizer.ggml.model is {None if model is None else repr(model.value)}; factorport writes 'gpt2' (BPE)")
-    if "tokenizer.ggml.merges" not in layout.kv:
+    if model is None or model.value not in TOKENIZER_MODELS:
+        _fail(layout, f"key tokenizer.ggml.model is {None if model is None else repr(model.value)}; factorport writes 'gpt2' (BPE) or 'llama' (SentencePiece, copied from Gemma 3)")
+    if model.value == "gpt2" and "tokenizer.ggml.merges" not in layout.kv:
         _fail(layout, "key tokenizer.ggml.merges is missing (llama.cpp's BPE needs it)")
     tokens = layout.kv["tokenizer.ggml.tokens"].value
     # llama.cpp asserts that every token text is distinct; an empty special token trips its splitter

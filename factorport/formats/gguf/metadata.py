@@ -2,8 +2,9 @@
 template); the hyper-parameters are in `factorport.llamacpp.hparams`.
 
 Tokenizer, three cases:
-* the vocabulary of the embedded SmolLM2 sample: its GGUF's tokenizer keys are
-  copied as they are (exact, including llama.cpp's pre-tokenizer name);
+* the vocabulary of an embedded model (SmolLM2's BPE, Gemma 3's SentencePiece):
+  its GGUF's tokenizer keys are copied as they are (exact, including
+  llama.cpp's tokenizer model and pre-tokenizer names, scores and types);
 * another Hugging Face BPE tokenizer: tokens, merges and special ids from its
   tokenizer.json, with llama.cpp's "default" (GPT-2) pre-tokenizer;
 * no tokenizer (tiny test models): a byte-level vocabulary, token i = byte i.
@@ -12,6 +13,7 @@ Tokenizer, three cases:
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from ...errors import FactorportError
@@ -20,15 +22,15 @@ from ...errors import FactorportError
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
-@lru_cache(maxsize=1)
-def _embedded_fields():
-    """(tokens, [(key, value, types)]) of the embedded sample's tokenizer keys, or None."""
+@lru_cache(maxsize=None)
+def _embedded_fields(name: str):
+    """(tokens, [(key, value, types)]) of an embedded model's tokenizer keys, or None when it is not installed."""
     import gguf
 
     from ...loading import embedded_gguf
 
     try:
-        reader = gguf.GGUFReader(embedded_gguf())
+        reader = gguf.GGUFReader(embedded_gguf(name, install=False))
     except FactorportError:
         return None
     fields = [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
@@ -45,14 +47,33 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
     if tokenizer is None:
         _byte_vocab(writer, vocab_size)
         return "byte-level (no tokenizer)"
+    from ...loading import EMBEDDED
+
     tokens = _hf_tokens(tokenizer)
-    embedded = _embedded_fields()
-    if embedded is not None and tokens == list(embedded[0]):
-        for key, value, types in embedded[1]:
-            writer.add_key_value(key, value, types[0], sub_type=types[1] if len(types) > 1 else None)
-        return "copied from the embedded SmolLM2 GGUF"
+    for name in EMBEDDED:
+        embedded = _embedded_fields(name)
+        if embedded is not None and _same_vocabulary(tokens, embedded[0]):
+            for key, value, types in embedded[1]:
+                writer.add_key_value(key, value, types[0], sub_type=types[1] if len(types) > 1 else None)
+            return f"copied from the embedded {name} GGUF"
     _bpe_vocab(writer, tokenizer, tokens, vocab_size)
     return "built from tokenizer.json (BPE, default pre-tokenizer)"
+
+
+def _same_vocabulary(hf_tokens: list[str], gguf_tokens) -> bool:
+    """True when transformers built `hf_tokens` from these GGUF tokens: its
+    GGUF loader writes SentencePiece's spaces as '▁', may write a byte token
+    ('<0x09>') as its character, and may leave out trailing tokens (Gemma 3's
+    262144th)."""
+    if len(hf_tokens) > len(gguf_tokens) or len(hf_tokens) < len(gguf_tokens) - 8:
+        return False
+    return all(a == b or a == b.replace(" ", "▁") or a == _byte_token_text(b) for a, b in zip(hf_tokens, gguf_tokens))
+
+
+def _byte_token_text(token: str) -> str | None:
+    """'<0x09>' -> '\t': the character a SentencePiece byte-fallback token stands for."""
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+    return chr(int(byte.group(1), 16)) if byte else None
 
 
 def _byte_vocab(writer, vocab_size: int) -> None:

@@ -46,7 +46,9 @@ class Backend(Protocol):
     name: str
     load_seconds: float
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]: ...  # no special tokens
+
+    def text_start(self) -> list[int]: ...  # what the runtime puts before a text: its BOS, when it adds one
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
@@ -55,6 +57,18 @@ class Backend(Protocol):
     def generate(self, ids: Sequence[int], new_tokens: int) -> Generation: ...
 
     def close(self) -> None: ...
+
+
+def hf_text_start(tokenizer) -> list[int]:
+    """The special tokens a transformers tokenizer puts before a text by
+    default (Gemma's BOS; none for SmolLM2): models trained with a BOS score
+    text without one three times worse (Gemma-3-270M, 4 windows: 326.6 vs 111.5)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ DEFAULT_TIMEOUT_S = 900.0  # one call: loading a large GGUF, or one window of a 
 TIMEOUT_ENV = "FACTORPORT_BACKEND_TIMEOUT"
 STARTUP_TIMEOUT_S = 300.0  # a fresh interpreter importing torch, before the per-call timeout starts: slow on a busy host
 CLOSE_TIMEOUT_S = 10.0
-METHODS = ("tokenize", "detokenize", "logits", "generate")
+METHODS = ("tokenize", "text_start", "detokenize", "logits", "generate")
 
 
 def default_timeout() -> float:
@@ -112,6 +112,9 @@ class IsolatedBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return self._call("tokenize", (text,), "tokenizing")
+
+    def text_start(self) -> list[int]:
+        return self._call("text_start", (), "tokenizing")
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._call("detokenize", (list(ids),), "detokenizing")

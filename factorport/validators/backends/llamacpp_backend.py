@@ -95,6 +95,10 @@ class LlamaCppBackend:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def text_start(self) -> list[int]:
+        # the BOS when the file's tokenizer.ggml.add_bos_token says to add one
+        return self.llm.tokenize(b"", add_bos=True, special=False)
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 

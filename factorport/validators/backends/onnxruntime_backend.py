@@ -17,7 +17,7 @@ import torch
 
 from ...errors import FactorportError
 from ...formats.onnx.runtime import DecoderSession
-from . import Generation
+from . import Generation, hf_text_start
 
 
 class OnnxruntimeBackend:
@@ -49,6 +49,9 @@ class OnnxruntimeBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return self._need_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+    def text_start(self) -> list[int]:
+        return hf_text_start(self._need_tokenizer())
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from . import Generation
+from . import Generation, hf_text_start
 
 
 class TorchBackend:
@@ -31,6 +31,9 @@ class TorchBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_start(self) -> list[int]:
+        return hf_text_start(self.tokenizer)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
