@@ -79,3 +79,18 @@ def test_the_gguf_and_safetensors_reloads_agree_bit_exactly(artifact):
     ids = reference.tokenize("The quick brown fox jumps over the lazy dog")
     with torch.no_grad():
         assert torch.equal(loaded(torch.tensor([ids])).logits[0], reference.logits(ids))
+
+
+def test_an_embedded_tokenizer_installed_after_a_first_export_is_found(monkeypatch, tmp_path):
+    """A GGUF export before Gemma is installed (SmolLM2's, in the same process)
+    must not hide Gemma's tokenizer from every later export."""
+    from factorport.formats.gguf import metadata
+    from factorport.loading import embedded_gguf
+
+    installed = embedded_gguf("gemma3-270m")
+    monkeypatch.setenv("FACTORPORT_CACHE", str(tmp_path))
+    monkeypatch.setattr(metadata, "_EMBEDDED_FIELDS", {})
+    assert metadata._embedded_fields("gemma3-270m") is None
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / installed.name).symlink_to(installed)
+    assert len(metadata._embedded_fields("gemma3-270m")[0]) == 262144

@@ -22,20 +22,26 @@ from ...errors import FactorportError
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
-@lru_cache(maxsize=None)
+_EMBEDDED_FIELDS: dict[str, tuple] = {}
+
+
 def _embedded_fields(name: str):
-    """(tokens, [(key, value, types)]) of an embedded model's tokenizer keys, or None when it is not installed."""
+    """(tokens, [(key, value, types)]) of an embedded model's tokenizer keys,
+    or None while it is not installed (looked for again on the next call:
+    a model installed later in the same process counts)."""
     import gguf
 
     from ...loading import embedded_gguf
 
-    try:
-        reader = gguf.GGUFReader(embedded_gguf(name, install=False))
-    except FactorportError:
-        return None
-    fields = [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
-    tokens = next(v for k, v, _ in fields if k == "tokenizer.ggml.tokens")
-    return tokens, fields
+    if name not in _EMBEDDED_FIELDS:
+        try:
+            reader = gguf.GGUFReader(embedded_gguf(name, install=False))
+        except FactorportError:
+            return None
+        fields = [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+        tokens = next(v for k, v, _ in fields if k == "tokenizer.ggml.tokens")
+        _EMBEDDED_FIELDS[name] = tokens, fields
+    return _EMBEDDED_FIELDS[name]
 
 
 def _hf_tokens(tokenizer) -> list[str]:
