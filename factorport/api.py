@@ -473,12 +473,14 @@ def generate(
     With `chat`, the prompt is wrapped in the model's chat template first."""
     runtime = open_output(output, backend, verify=verify, timeout=timeout, **options)
     try:
-        start = runtime.text_start()  # the BOS a plain prompt needs; a chat template writes its own
         if chat:
             from .loading import saved_tokenizer
 
             tokenizer = saved_tokenizer(find_artifact(output))
-            prompt, start = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True), []
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            start = []  # the template writes its own BOS
+        else:
+            start = runtime.text_start()  # the BOS a plain prompt needs
         ids = start + runtime.tokenize(prompt)
         return runtime.detokenize(runtime.generate(ids, new_tokens).tokens)
     finally:
