@@ -87,6 +87,25 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(make_model, tmp_path, window)
     assert error < 1e-3 * torch_logits(model, window).abs().max().item()
 
 
+def test_gemma3_linear_rope_scaling_travels_as_keys_and_scales_the_global_layers_only(make_model, tmp_path, window):
+    # Gemma 3 4B and larger: positions divided by 8 in the global layers, the sliding ones unscaled
+    model = make_model("gemma3_text", rope_scaling={"rope_type": "linear", "factor": 8.0})
+    out = exported(model, tmp_path, "F32")
+    fields = GGUFReader(out / MODEL_FILE).fields
+    assert bytes(fields["gemma3.rope.scaling.type"].parts[-1]) == b"linear"
+    assert float(fields["gemma3.rope.scaling.factor"].parts[-1][0]) == 8.0
+    reference = torch_logits(model, window)
+    unscaled = torch_logits(make_model("gemma3_text"), window)
+    backend = LlamaCppBackend.open(out)
+    try:
+        error = (backend.logits(window) - reference).abs().max().item()
+    finally:
+        backend.close()
+    scale = reference.abs().max().item()
+    assert (unscaled - reference).abs().max().item() > 0.01 * scale  # the scaling matters at these positions
+    assert error < 1e-3 * scale
+
+
 def test_rope_scalings_llamacpp_would_compute_otherwise_are_refused(make_model, tmp_path):
     model = make_model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
     with pytest.raises(FactorportError, match="does not carry rope scaling 'yarn' for llama"):

@@ -27,8 +27,8 @@ from factorport.validators.backends.torch_backend import TorchBackend
 RECIPES = Path(__file__).resolve().parents[1] / "samples" / "recipes"
 
 
-def compressed(make_model, stats_for, recipe: str, arch: str = "llama"):
-    model = make_model(arch)
+def compressed(make_model, stats_for, recipe: str, arch: str = "llama", **config):
+    model = make_model(arch, **config)
     steps = load_recipe(str(RECIPES / f"{recipe}.yaml")).steps
     apply(model, steps, stats_for(model), progress=False)
     return model.eval()
@@ -136,6 +136,13 @@ def test_factorized_and_biased_models_match_torch(make_model, stats_for, input_i
     model = compressed(make_model, stats_for, "svd-90", arch)
     out, _, graph = exported(model, tmp_path)
     assert not nodes(graph, "MatMulNBits")
+    assert_parity(model, out, input_ids[1])
+
+
+def test_gemmas_linear_rope_scaling_reaches_the_graph(make_model, stats_for, input_ids, tmp_path):
+    # the global layers' positions divided by 8, the sliding ones unscaled (Gemma 3 4B and larger)
+    model = compressed(make_model, stats_for, "svd-90", "gemma3_text", rope_scaling={"rope_type": "linear", "factor": 8.0})
+    out, _, _ = exported(model, tmp_path)
     assert_parity(model, out, input_ids[1])
 
 

@@ -10,6 +10,10 @@ from .names import gguf_arch
 
 # llama.cpp's graphs that read rope_freqs.weight (src/models/llama.cpp)
 ROPE_FREQS_ARCHS = ("llama",)
+# ... and those whose linear scaling is the key rope.scaling.factor, applied to
+# the global layers only (llama.cpp's gemma3 fixes the sliding layers' scale
+# at 1, as transformers' Gemma 3 gives them an unscaled rotary of their own)
+ROPE_LINEAR_ARCHS = ("gemma3",)
 
 CONTEXT_DEFAULT = 2048  # when the config names no maximum position
 
@@ -36,6 +40,10 @@ def hparams(config) -> dict:
         meta[f"{a}.attention.value_length"] = head_dim
     if a == "gemma3":
         meta.update(_gemma3(config, head_dim))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if a in ROPE_LINEAR_ARCHS and scaling.get("rope_type") == "linear":
+        meta[f"{a}.rope.scaling.type"] = "linear"
+        meta[f"{a}.rope.scaling.factor"] = float(scaling["factor"])
     return meta
 
 
@@ -63,12 +71,13 @@ def rope_freqs(model) -> torch.Tensor | None:
     """llama.cpp's `rope_freqs.weight` for a model whose rotary rescales each
     frequency once (Llama 3.1+'s `llama3`, `linear`): the factor each of its
     `head size / 2` frequencies is divided by, read off the model's own
-    rotary module against the unscaled frequencies; None when unscaled.
-    Scalings llama.cpp would compute otherwise are refused."""
+    rotary module against the unscaled frequencies; None when unscaled or
+    when the scaling travels as keys (`hparams`). Scalings llama.cpp would
+    compute otherwise are refused."""
     arch = gguf_arch(model.config)
     rotary = model.get_submodule(f"{arch.decoder}.{arch.rotary}")
     kind = getattr(rotary, "rope_type", "default")
-    if kind == "default":
+    if kind == "default" or (kind == "linear" and arch.gguf_arch in ROPE_LINEAR_ARCHS):
         return None
     if kind not in ("llama3", "linear") or getattr(rotary, "attention_scaling", 1.0) != 1.0 or arch.gguf_arch not in ROPE_FREQS_ARCHS:
         raise FactorportError(

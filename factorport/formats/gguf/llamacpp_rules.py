@@ -73,6 +73,8 @@ ARCH_KEYS = {
     "attention.value_length": (UINT32, False),
     "rope.freq_base": (FLOAT32, False),
     "rope.dimension_count": (UINT32, False),
+    "rope.scaling.type": (STRING, False),
+    "rope.scaling.factor": (FLOAT32, False),
     "vocab_size": (UINT32, False),
     # gemma3's sliding layers (attention.sliding_window_pattern: one BOOL a block)
     "attention.sliding_window": (UINT32, False),
@@ -209,7 +211,10 @@ def _hyper_parameters(layout: Layout, arch: str) -> HyperParameters:
     pattern = get("attention.sliding_window_pattern")
     if pattern is not None and len(pattern) != n_layer:
         _fail(layout, f"key {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layer} blocks")
-    for suffix in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "final_logit_softcapping"):
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        _fail(layout, f"key {arch}.rope.scaling.type is {scaling!r}; factorport writes only 'linear' (or no scaling)")
+    for suffix in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "rope.scaling.factor", "final_logit_softcapping"):
         value = get(suffix, 1.0)
         if not (math.isfinite(value) and value > 0):
             _fail(layout, f"key {arch}.{suffix} is {value}; llama.cpp needs a finite positive number")
