@@ -22,13 +22,15 @@ over several sessions. benchmarks/results/scale-row-N.json are rows measured
 so (copy one into the work directory as row-N.json to reuse it).
 
     .venv/bin/python benchmarks/scale.py --model qwen2.5-coder-1.5b
+    .venv/bin/python benchmarks/scale.py --model gemma3-270m --recipes glowq-w4 w4-gptq svd-90
 
-installs Qwen2.5-Coder-1.5B-Instruct (a Q4_K_M GGUF, 1.1 GB from PyPI) on
-first use, converts it with `w4-gptq` and `glowq-w4` (calibration 32 x 512),
-checks that each output loads back bit-exact, exports ONNX and GGUF, and
-prints torch perplexity (20 windows of wiki.test.raw) next to the dense
-reference (the GGUF dequantized to float32), with wall time and peak RSS of
-every child process.
+installs the model on first use (Qwen2.5-Coder-1.5B-Instruct: a Q4_K_M GGUF,
+1.1 GB from PyPI; or an embedded model such as gemma3-270m), converts it with
+each recipe (default `w4-gptq` and `glowq-w4`, calibration 32 x 512), checks
+that each output loads back bit-exact, exports ONNX and GGUF, runs
+`factorport validate` on them, and prints torch perplexity (20 windows of
+wiki.test.raw) next to the dense reference (the GGUF dequantized to float32),
+with wall time and peak RSS of every child process.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from factorport.loading import EMBEDDED
 
 # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream), published on
 # PyPI in 22 pieces; joined in order they are one GGUF file.
@@ -132,14 +136,15 @@ def write_random_model(directory: Path, layers: int, args) -> int:
     return total
 
 
-def run_child(*arguments: str) -> dict:
-    """`factorport ARGUMENTS` in a child process: its wall time and peak RSS (ru_maxrss)."""
+def run_child(*arguments: str, check: bool = True) -> dict:
+    """`factorport ARGUMENTS` in a child process: its exit status, wall time and peak RSS (ru_maxrss)."""
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "factorport.cli", *arguments], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
+    status = os.waitstatus_to_exitcode(status)
+    if check and status != 0:
         raise SystemExit(f"factorport {' '.join(arguments)} failed (status {status})")
-    return {"peak_rss": usage.ru_maxrss * 1024, "wall": time.perf_counter() - started}
+    return {"status": status, "peak_rss": usage.ru_maxrss * 1024, "wall": time.perf_counter() - started}
 
 
 def convert(source: Path, output: Path, recipe: str, args) -> dict:
@@ -169,34 +174,39 @@ def reloads_bit_exact(output: Path) -> bool:
     return set(loaded) == set(on_disk) and all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
 
 
-def qwen(args) -> None:
-    """Qwen2.5-Coder-1.5B-Instruct through every recipe of `args.recipes`: convert, reload, export, perplexity."""
-    source = qwen_gguf()
+def real_model(args) -> None:
+    """A real model through every recipe of `args.recipes`: convert, reload, export, validate, perplexity."""
+    source = qwen_gguf() if args.model == QWEN else args.model
     rows, dense = [], None
     for recipe in args.recipes:
-        output = args.workdir / f"qwen-{recipe}"
+        output = args.workdir / f"{args.model}-{recipe}"
         run = convert(source, output, recipe, args)
         print(f"{recipe}: converted in {run['wall'] / 60:.1f} min, peak RSS {run['peak_rss'] / 2**30:.2f} GiB", flush=True)
         exact = reloads_bit_exact(output)
         exported = run_child("export", str(output), "--format", "onnx,gguf", "--quiet", "--force")
+        checked = args.workdir / f"{args.model}-{recipe}-validate.json"  # outside the artifact, whose manifest lists its files
+        validated = run_child("validate", str(output), "--json", str(checked), "--quiet", check=False)
+        validation = json.loads(checked.read_text())
+        print(f"{recipe}: validate {'passed' if validated['status'] == 0 else 'FAILED'} {validation['failures']}", flush=True)
         result = output / "report" / "eval-torch.json"
         evaluated = run_child("eval", str(output), "--windows", str(args.windows), "--json", str(result), "--quiet",
                               *([] if dense is None else ["--no-reference"]))
         scores = json.loads(result.read_text())
         dense = scores.get("dense_perplexity", dense)
         rows.append({"recipe": recipe, "convert": run, "exact": exact, "export": exported, "eval": evaluated,
+                     "validate": {**validated, "failures": validation["failures"], "backends": validation["backends"]},
                      "ppl": scores["perplexity"], "artifact_bytes": {d: sum(f.stat().st_size for f in (output / d).rglob("*") if f.is_file()) for d in ("onnx", "gguf")}})
         if not args.keep:
             shutil.rmtree(output)
-    print(f"\n{QWEN} (Q4_K_M GGUF dequantized), calibration {args.calib_samples} x {args.calib_seq_len}, "
+    print(f"\n{args.model} (Q4_K_M GGUF dequantized), calibration {args.calib_samples} x {args.calib_seq_len}, "
           f"torch perplexity over {args.windows} windows of wiki.test.raw; dense reference {dense:.3f}")
     print(f"{'recipe':>10} {'ppl':>8} {'x dense':>8} {'out MB':>7} {'convert min':>11} {'peak GiB':>9} {'export min':>10} "
-          f"{'peak GiB':>9} {'onnx MB':>8} {'gguf MB':>8} {'reload':>7}")
+          f"{'peak GiB':>9} {'onnx MB':>8} {'gguf MB':>8} {'reload':>7} {'validate':>8}")
     for r in rows:
         print(f"{r['recipe']:>10} {r['ppl']:>8.3f} {r['ppl'] / dense:>8.3f} {r['convert']['bytes'] / 1e6:>7.0f} {r['convert']['wall'] / 60:>11.1f} "
               f"{r['convert']['peak_rss'] / 2**30:>9.2f} {r['export']['wall'] / 60:>10.1f} {r['export']['peak_rss'] / 2**30:>9.2f} "
               f"{r['artifact_bytes']['onnx'] / 1e6:>8.0f} {r['artifact_bytes']['gguf'] / 1e6:>8.0f} "
-              f"{'exact' if r['exact'] else 'DIFFERS':>7}")
+              f"{'exact' if r['exact'] else 'DIFFERS':>7} {'passed' if r['validate']['status'] == 0 else 'FAILED':>8}")
     if args.json:
         Path(args.json).write_text(json.dumps({"dense_ppl": dense, "rows": rows}, indent=2) + "\n")
 
@@ -205,7 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--full", action="store_true", help="also the full 32-layer model (16 GB of bfloat16 on disk)")
-    parser.add_argument("--model", choices=(QWEN,), help="a real model instead of the random ones")
+    parser.add_argument("--model", choices=(QWEN, *EMBEDDED), help="a real model instead of the random ones")
     parser.add_argument("--recipes", nargs="+", default=["w4-gptq", "glowq-w4"], help="with --model: the recipes to run")
     parser.add_argument("--windows", type=int, default=20, help="with --model: perplexity windows of 512 tokens")
     parser.add_argument("--json", help="with --model: also write the rows as JSON here")
@@ -223,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.model:
         args.calib_samples = args.calib_samples or 32
-        return qwen(args)
+        return real_model(args)
     args.calib_samples = args.calib_samples or 8
     counts = args.layers + ([32] if args.full else [])
     rows = []
