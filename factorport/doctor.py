@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import FactorportError
 from .formats.manifest import package_versions
 from . import hostcpu
+from .llamacpp import tools
 
 SMOKE_TOP1 = 0.9  # llama.cpp rounds activations to 8 bits: not every argmax survives on random weights
 
@@ -68,6 +69,26 @@ def host_report() -> dict:
     llama["missing_on_this_cpu"] = hostcpu.missing_llama_cpp_features()
     llama.update(llama_cpp_build() if not llama["missing_on_this_cpu"] else {"error": "not loaded: the CPU lacks what it needs"})
     report["llama.cpp"] = llama
+    report["llama.cpp tools"] = llama_cpp_tools() if not llama["missing_on_this_cpu"] else {"error": "not run: the CPU lacks what they need"}
+    return report
+
+
+def llama_cpp_tools() -> dict:
+    """Where llama.cpp's own programs are, what they were built from and the version they report."""
+    found = {}
+    for name in tools.TOOLS:
+        try:
+            found[name] = str(tools.tool(name))
+        except FactorportError:
+            found[name] = None
+    report = {"paths": found, "build": tools.build_info()}
+    if not all(found.values()):
+        report["error"] = f"not built: {', '.join(n for n, p in found.items() if p is None)} (run `make .venv/.installed`)"
+        return report
+    try:
+        report["version"] = tools.version()
+    except FactorportError as exc:
+        report["error"] = str(exc)
     return report
 
 
@@ -110,7 +131,7 @@ def doctor(smoke: bool = True, progress: bool = True) -> dict:
     report = host_report()
     if smoke:
         report["smoke"] = smoke_tests(progress)
-    report["passed"] = all(r["passed"] for r in report.get("smoke", {}).values()) and "error" not in report["llama.cpp"]
+    report["passed"] = all(r["passed"] for r in report.get("smoke", {}).values()) and not any("error" in report[k] for k in ("llama.cpp", "llama.cpp tools"))
     return report
 
 
@@ -128,6 +149,10 @@ def doctor_text(report: dict) -> str:
                  + (f"; this CPU lacks {' '.join(llama['missing_on_this_cpu'])}" if llama["missing_on_this_cpu"] else "; fits this CPU"))
     for path in llama["libraries"]:
         lines.append(f"  {path}")
+    kit = report["llama.cpp tools"]
+    lines.append(f"llama.cpp tools: {kit.get('error') or kit['version']}; {kit.get('build', {}).get('source', 'build unknown')}")
+    for name, path in kit.get("paths", {}).items():
+        lines.append(f"  {name}: {path or 'missing'}")
     for backend, result in report.get("smoke", {}).items():
         lines.append(f"smoke test {backend}: {'passed' if result['passed'] else 'FAILED'} ({result['detail']})")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """What this host's CPU offers, and whether the native libraries fit it.
 
-llama.cpp is built by `scripts/install-llama-cpp-python.sh` for a fixed
+llama.cpp (library and tools) is built with `scripts/llama-cpp-flags.sh` for a fixed
 instruction-set level instead of the build machine's CPU (see the script for
 why). `LLAMA_CPP_X86_FEATURES` is that level, as /proc/cpuinfo names the
 flags; `require_llama_cpp_features` refuses, with one line, to load

@@ -1,6 +1,6 @@
-"""The native libraries the set-up built run on any x86-64-v3 host: no AMX
+"""The native code the set-up built runs on any x86-64-v3 host: no AMX
 tile instruction and no AVX-512 instruction anywhere in llama.cpp's
-libraries (a VM may advertise both and fault on them), and factorport
+libraries or its tools (a VM may advertise both and fault on them), and factorport
 refuses, with one line, to load llama.cpp on a CPU below that level."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 
 from factorport import hostcpu
 from factorport.errors import FactorportError
+from factorport.llamacpp import tools
 
-INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-llama-cpp-python.sh"
+FLAGS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llama-cpp-flags.sh"
 # ggml's CMake option -> the /proc/cpuinfo flag of that instruction set
 GGML_OPTION_FLAGS = {"SSE42": "sse4_2", "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2"}
 
@@ -29,6 +30,12 @@ def test_llama_cpp_libraries_hold_no_amx_or_avx512_instruction():
     assert {p.name for p in libraries} >= {"libllama.so", "libggml-cpu.so", "libggml-base.so"}
     for library in libraries:
         assert hostcpu.disassembly_findings(library) == {"amx": 0, "zmm": 0}, library
+
+
+@x86_only
+@pytest.mark.parametrize("name", tools.TOOLS)
+def test_llama_cpp_tools_hold_no_amx_or_avx512_instruction(name):
+    assert hostcpu.disassembly_findings(tools.tool(name)) == {"amx": 0, "zmm": 0}
 
 
 def test_disassembly_scan_finds_amx_and_avx512(tmp_path):
@@ -45,7 +52,7 @@ def test_disassembly_scan_finds_amx_and_avx512(tmp_path):
 
 @x86_only
 def test_required_features_are_the_build_flags_and_what_llama_cpp_reports():
-    enabled = set(re.findall(r"-DGGML_(\w+)=ON", INSTALL_SCRIPT.read_text()))
+    enabled = set(re.findall(r"-DGGML_(\w+)=ON", FLAGS_SCRIPT.read_text()))
     assert not any(opt.startswith(("AVX512", "AMX", "NATIVE")) for opt in enabled)
     assert {GGML_OPTION_FLAGS[o] for o in enabled if o in GGML_OPTION_FLAGS} == set(hostcpu.LLAMA_CPP_X86_FEATURES)
     code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
