@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,14 +30,14 @@ from .converters import Allocation, CalibrationConfig, apply, check, solve, spre
 from .converters.calibration import MODES, collect, describe_source, token_sequences
 from .converters.pipeline import Resume, convert_layers
 from .errors import FactorportError
-from .formats import exporter, manifest, safetensors_dir
+from .formats import exporter, input_sums, manifest, safetensors_dir
 from .formats.layout import describe_linears
 from .formats.safetensors_dir import SUBDIR as SAFETENSORS
 from .formats.safetensors_dir import find_artifact, save_side_files
 from .loading import load_model, open_source, source_argument
 from .ops import TiedEmbedding
 from .recipe import Recipe, load_recipe
-from .staging import ALLOCATION, STATE, finished, refuse_existing, resumable_output, staged_output
+from .staging import ALLOCATION, STAGED_SUMS, STATE, finished, refuse_existing, resumable_output, staged_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_CALIB = SHARED_DATA / "wiki.valid.tokens"
@@ -183,6 +184,8 @@ def _convert_whole(weights, skeleton, recipe, calibration, sequences, tmp: Path,
     safetensors_dir.save(model, None, tmp / SAFETENSORS)
     summary = None
     if stats is not None:
+        sums = stats.input_sums(list(stats.key_of))
+        input_sums.write(tmp / input_sums.FILE, input_sums.InputSums(sums, stats.tokens, calibration.seq_len, stats.source))
         summary = {"source": stats.source, "tokens": stats.tokens, "seconds": round(stats.seconds, 2), "mode": "parallel (whole model)"}
     return {"calibration": summary, "layers": [r.to_dict() for r in reports]}
 
@@ -214,6 +217,8 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         fragment = describe_linears(skeleton, piece.linears)
         tensors = safetensors_dir.stored_tensors(owner, piece.prefix)
         safetensors_dir.write_piece(tmp, name, tensors, fragment, [r.to_dict() for r in piece.reports], piece.seconds, piece.calibration_seconds)
+        if piece.input_sums:  # kept beside the pieces until the end, so a resume keeps them too
+            safetensors_dir.write_file(_staged_sums(tmp, name), piece.input_sums, {"format": "pt"})
         del tensors  # the layer's memory goes when the driver releases it, before it reads the next
         if piece.index >= 0:
             hidden = {k: t for k, t in (("hidden", piece.hidden), ("dense_hidden", piece.dense_hidden)) if t is not None}
@@ -224,6 +229,8 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
     (tmp / SAFETENSORS).mkdir()
     tied = isinstance(skeleton.get_input_embeddings(), TiedEmbedding)
     safetensors_dir.assemble(tmp, tmp / SAFETENSORS, skeleton.config.model_type, tied, table_dtype, max_shard_bytes)
+    if calibration is not None:
+        _join_input_sums(tmp, sum(s.numel() for s in sequences), calibration.seq_len, described)
     return {
         # calibration seconds: the forward passes and XᵀX inside the layer loop
         "calibration": _calibration_summary(calibration, sequences, sum(i["calibration_seconds"] for i in infos), calibration.mode if calibration else ""),
@@ -231,6 +238,29 @@ def _convert_by_layer(weights, skeleton, recipe, calibration, sequences, tmp: Pa
         **({"allocation": allocation.chosen} if allocation is not None else {}),
         "layers": [row for i in infos for row in i["reports"]],
     }
+
+
+def _staged_sums(tmp: Path, piece: str) -> Path:
+    (tmp / STAGED_SUMS).mkdir(exist_ok=True)
+    return tmp / STAGED_SUMS / f"{piece}.safetensors"
+
+
+def _join_input_sums(tmp: Path, tokens: int, seq_len: int, described: str) -> None:
+    """OUTPUT/calibration/input_sums.safetensors from the pieces' files."""
+    staged = sorted((tmp / STAGED_SUMS).glob("*.safetensors")) if (tmp / STAGED_SUMS).is_dir() else []
+    sums = {k: v for path in staged for k, v in safetensors_dir.read_file_tensors(path).items()}
+    if sums:
+        input_sums.write(tmp / input_sums.FILE, input_sums.InputSums(sums, tokens, seq_len, described))
+    shutil.rmtree(tmp / STAGED_SUMS, ignore_errors=True)
+
+
+def _calibration_options(name: str, output: Path, options: dict) -> dict:
+    """`options`, plus the calibration's input sums for the one format that
+    carries them (GGUF: llama.cpp's importance matrix) when the output has them."""
+    path = output / input_sums.FILE
+    if name != "gguf" or not path.is_file():
+        return options
+    return {**options, "input_sums": input_sums.read(path)}
 
 
 def _allocate(weights, skeleton, recipe, sequences, described: str, tmp: Path, device, progress: bool, resume: bool) -> Allocation:
@@ -279,7 +309,7 @@ def _export_into(export_to, name: str, model, tokenizer, output: Path, options: 
     if progress:
         print(f"factorport: exporting {name} to {output.name}/{name}")
     (output / name).mkdir()
-    report = export_to(model, tokenizer, output / name, progress=progress, **options)
+    report = export_to(model, tokenizer, output / name, progress=progress, **_calibration_options(name, output, options))
     (output / "report").mkdir(exist_ok=True)
     (output / "report" / f"export-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -309,7 +339,7 @@ def export(
         with staged_output(output / name, force) as tmp:
             if progress:
                 print(f"factorport: exporting {name} to {output}/{name}")
-            report = export_to(model, tokenizer, tmp, progress=progress, **(export_options or {}).get(name, {}))
+            report = export_to(model, tokenizer, tmp, progress=progress, **_calibration_options(name, output, (export_options or {}).get(name, {})))
         (output / "report").mkdir(exist_ok=True)
         (output / "report" / f"export-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     manifest.refresh_manifest(output, [*(f"{name}/" for name in exporters), *(f"report/export-{name}.json" for name in exporters)])

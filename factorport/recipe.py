@@ -7,7 +7,9 @@
       - quantize: {method: gptq, bits: 4, group_size: 64, symmetric: true}
     validate: {thresholds: {"llama.cpp:top1_agreement": 0.95}}   # optional
 
-Every error names the recipe, the field and what is allowed. A recipe is
+`steps: []` with a calibration section keeps the model as it is and only
+collects the statistics (written as llama.cpp's importance matrix by the
+GGUF export). Every error names the recipe, the field and what is allowed. A recipe is
 given by a preset name (a file in samples/recipes/) or a path.
 """
 
@@ -51,6 +53,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        if not self.steps:  # statistics only
+            return True
         return any(kind in ("share", "correct", "budget") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") for kind, cfg in self.steps)
 
 
@@ -93,8 +97,13 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
     if calibration.get("mode", MODES[0]) not in MODES:
         raise FactorportError(f"{where}: calibration.mode: {calibration['mode']!r} is not one of {', '.join(MODES)}")
     steps = data.get("steps")
-    if not isinstance(steps, list) or not steps:
-        raise FactorportError(f"{where}: steps: expected a non-empty list of steps ({', '.join(STEPS)})")
+    # `steps: []` with a calibration section: the model as it is, plus its
+    # calibration statistics (llama.cpp's importance matrix, gguf/imatrix.gguf)
+    if not isinstance(steps, list) or not (steps or calibration):
+        raise FactorportError(
+            f"{where}: steps: expected a non-empty list of steps ({', '.join(STEPS)}), "
+            "or 'steps: []' with a calibration section for the statistics alone"
+        )
     parsed = []
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or len(step) != 1:

@@ -24,6 +24,7 @@ SETTINGS = "resume.json"
 PIECES = "pieces"  # formats.safetensors_dir.PIECES: the finished layers
 STATE = "state.safetensors"
 ALLOCATION = "allocation.json"  # a two-pass conversion's solved budget
+STAGED_SUMS = "input-sums"  # each finished piece's calibration input sums, joined at the end
 
 
 def partial_dir(output: Path) -> Path:

@@ -69,21 +69,24 @@ def random_stats(model, tokens: int = 256, seed: int = 0):
 
 
 def build_output(directory: Path, recipe: str = RECIPE):
-    """Write directory/{safetensors,onnx,gguf} and manifest.json of the tiny
+    """Write directory/{safetensors,onnx,gguf,calibration} and manifest.json of the tiny
     Llama compressed with `recipe`; returns the compressed torch model."""
     from .converters import apply
-    from .formats import gguf, manifest, onnx, safetensors_dir
+    from .formats import gguf, input_sums, manifest, onnx, safetensors_dir
     from .recipe import parse_recipe
 
     directory = Path(directory)
     model = tiny_llama()
     parsed = parse_recipe(recipe)
-    apply(model, parsed.steps, random_stats(model), progress=False)
+    stats = random_stats(model)
+    apply(model, parsed.steps, stats, progress=False)
     for sub in ("safetensors", "onnx", "gguf"):
         (directory / sub).mkdir(parents=True)
     safetensors_dir.save(model, None, directory / "safetensors")
+    sums = input_sums.InputSums(stats.input_sums(list(stats.key_of)), stats.tokens, stats.tokens, stats.source)
+    input_sums.write(directory / input_sums.FILE, sums)
     onnx.export(model, None, directory / "onnx", progress=False)
-    gguf.export(model, None, directory / "gguf", progress=False)
+    gguf.export(model, None, directory / "gguf", progress=False, input_sums=sums)
     source = {"name": "tiny-random-llama", "kind": "random", "path": "-"}
     manifest.write_manifest(directory, {"source": source, "recipe": {"name": parsed.name, "text": recipe}})
     return model

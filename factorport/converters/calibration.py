@@ -63,6 +63,11 @@ class CalibrationStats:
     def has(self, name: str) -> bool:
         return name in self.key_of
 
+    def input_sums(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Each of `names`' Σ over the tokens of x² per input column (XᵀX's
+        diagonal, float32 on the CPU): what llama.cpp calls an importance matrix."""
+        return {n: self.grams[self.key_of[n]].diagonal().float().clamp_min(0).cpu() for n in names if self.has(n)}
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:

@@ -65,6 +65,9 @@ class Piece:
     calibration_seconds: float = 0.0  # of `seconds`: the forward passes and XᵀX
     dense_hidden: torch.Tensor | None = None  # mode asymmetric: the uncompressed model's `hidden`
     table_dtype: str | None = None  # the rest: the 16-bit type its plain embedding/output tables keep
+    # with calibration: per linear, Σ over the calibration tokens of x² per
+    # input column (XᵀX's diagonal), what llama.cpp calls an importance matrix
+    input_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -256,6 +259,7 @@ class LayerDriver:
         self._forward(index, layer, hidden, collector, keep=self.mode == "parallel")
         stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
         del collector
+        sums = stats.input_sums(names)
         if asymmetric:
             aim_at_dense_outputs_(self.model, names, stats)
         calibrated = time.perf_counter()
@@ -266,7 +270,7 @@ class LayerDriver:
             self._forward(index, compressed, hidden)
         done = time.perf_counter()
         return Piece(index, prefix, names, reports, hidden, done - started, (calibrated - read) + (done - compressed_at),
-                     self.dense_hidden)
+                     self.dense_hidden, input_sums=sums)
 
     def head(self, hidden: torch.Tensor | None, calibration: str) -> Piece:
         """Embedding, final norm and output projection: compressed when a step targets the lm_head."""
@@ -276,9 +280,10 @@ class LayerDriver:
         with scope([name]):
             targeted = any(compressible_linears(self.model, cfg.targets) for _, cfg in self.steps)
         table_dtype = self._load_head(targeted)
+        sums = {}
         if targeted and hidden is None:
             reports = self._compress([name], None, self.model.get_submodule(name))
-        elif targeted:
+        elif hidden is not None:  # the output projection's input statistics, compressed or not
             collector = GramCollector(self.model, [name], hidden.shape[0], self.device)
             norm = self.model.get_submodule(self.arch.norm)
             with torch.inference_mode():
@@ -286,9 +291,11 @@ class LayerDriver:
                     collector.sequence = i
                     collector.add(name, norm(hidden[i : i + 1]))
             stats = collector.stats(hidden.shape[0] * hidden.shape[1], calibration, 0.0)
+            sums = stats.input_sums([name])
             calibrated = time.perf_counter() - started
-            reports = self._compress([name], stats, self.model.get_submodule(name))
-        return Piece(-1, "", [name], reports, None, time.perf_counter() - started, calibrated, table_dtype=table_dtype)
+            if targeted:
+                reports = self._compress([name], stats, self.model.get_submodule(name))
+        return Piece(-1, "", [name], reports, None, time.perf_counter() - started, calibrated, table_dtype=table_dtype, input_sums=sums)
 
     def release(self, piece: Piece) -> None:
         """Free a written layer: its modules stay as meta-device shapes."""

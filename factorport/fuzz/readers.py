@@ -89,6 +89,31 @@ def read_onnx(root: Path) -> str:
     return logits_digest(backend.logits(_ids()))
 
 
+def arrays_digest(arrays) -> str:
+    """sha256 of named arrays' names, shapes and float32 bytes."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(np.asarray(arrays[name], dtype=np.float32))
+        digest.update(name.encode() + repr(array.shape).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
+def read_input_sums(root: Path) -> str:
+    from ..formats import input_sums
+
+    stats = input_sums.read(Path(root) / input_sums.FILE)
+    return arrays_digest({k: v.numpy() for k, v in stats.sums.items()}) + f"/{stats.tokens}/{stats.seq_len}"
+
+
+def read_imatrix(root: Path) -> str:
+    from ..formats.gguf.imatrix import IMATRIX_FILE, read_imatrix as read
+
+    sums, counts, keys = read(Path(root) / "gguf" / IMATRIX_FILE)
+    return arrays_digest({**sums, **{f"{k}.counts": v for k, v in counts.items()}}) + repr(sorted(keys.items()))
+
+
 def read_manifest(root: Path) -> list[str]:
     from ..formats.manifest import verify_manifest
 
@@ -113,6 +138,10 @@ READERS: dict[str, Reader] = {
                "safetensors/config.json mutated; same read as safetensors"),
         Reader("onnx", (Target("onnx/model.onnx", "onnx", 0.65), Target(f"onnx/{EXTERNAL_DATA}", "bytes", 0.35)), read_onnx,
                ("model.onnx", EXTERNAL_DATA), "onnx/model.onnx or its external data mutated; onnxruntime backend scores the ids"),
+        Reader("input-sums", (Target("calibration/input_sums.safetensors", "safetensors"),), read_input_sums, ("input_sums.safetensors",),
+               "calibration/input_sums.safetensors mutated; input_sums.read"),
+        Reader("imatrix", (Target("gguf/imatrix.gguf", "gguf"),), read_imatrix, ("imatrix.gguf",),
+               "gguf/imatrix.gguf mutated; read_imatrix (the check before llama-quantize reads it)"),
         Reader("manifest", (Target("manifest.json", "json"),), read_manifest, ("manifest.json",),
                "manifest.json mutated; verify_manifest (problems reported = caught)"),
     )

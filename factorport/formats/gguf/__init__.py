@@ -8,7 +8,9 @@
 * `adapter.gguf` — the low-rank terms as a GGUF LoRA adapter (when any);
 * `model.factorport.gguf` — every factorport tensor as stored in the
   safetensors layout (factorized and shared tensors stay factorized), which
-  factorport loads back exactly; stock llama.cpp does not run it.
+  factorport loads back exactly; stock llama.cpp does not run it;
+* `imatrix.gguf` — with calibration statistics, llama.cpp's importance matrix
+  of them, for `llama-quantize --imatrix`.
 
 See docs/gguf.md.
 """
@@ -20,7 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 from ...llamacpp.names import gguf_arch
+from ..input_sums import InputSums
 from . import codecs
+from .imatrix import IMATRIX_FILE, write_imatrix
 from .model_file import plan_model
 from .native import NATIVE_FILE, load_native, write_native
 from .writer import write_adapter, write_model
@@ -29,9 +33,13 @@ MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
 
 
-def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type: str | None = None, native: bool = True) -> dict:
+def export(
+    model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type: str | None = None, native: bool = True,
+    input_sums: InputSums | None = None,
+) -> dict:
     """Write the GGUF files of a compressed model into `out_dir` (empty,
-    existing); `native=False` skips model.factorport.gguf."""
+    existing); `native=False` skips model.factorport.gguf. With the
+    calibration's `input_sums`, also imatrix.gguf (llama.cpp's importance matrix)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     type_name = codecs.check_type(gguf_type)
@@ -48,6 +56,10 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
         print(f"factorport: gguf: wrote {MODEL_FILE}" + (f" and {ADAPTER_FILE} ({len(plan.lora) // 2} LoRA pairs)" if plan.lora else ""))
     if native:
         write_native(out_dir / NATIVE_FILE, model, tokenizer)
+    imatrix = None
+    if input_sums is not None:
+        imatrix = {"tensors": write_imatrix(out_dir / IMATRIX_FILE, model, input_sums), "tokens": input_sums.tokens,
+                   "note": f"llama-quantize --imatrix {IMATRIX_FILE}: llama.cpp's importance matrix, from factorport's calibration"}
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return {
         "format": "gguf",
@@ -64,9 +76,10 @@ def export(model, tokenizer, out_dir: Path, *, progress: bool = True, gguf_type:
             "duplicated_shared_v": plan.duplicated_v,
             "note": "llama.cpp has no shared-input LoRA: a shared V is written once per member",
         },
+        "imatrix": imatrix,
         "native": f"{NATIVE_FILE}: factorport's own layout (architecture 'factorport'); stock llama.cpp does not run it" if native else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-__all__ = ["ADAPTER_FILE", "MODEL_FILE", "NATIVE_FILE", "export", "load_native"]
+__all__ = ["ADAPTER_FILE", "IMATRIX_FILE", "MODEL_FILE", "NATIVE_FILE", "export", "load_native"]

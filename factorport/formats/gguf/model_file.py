@@ -37,6 +37,13 @@ from ...ops import CompressedLinear, TiedEmbedding
 from . import codecs
 
 
+def is_tied(model) -> bool:
+    """One table serves lookup and logits (llama.cpp then uses token_embd for both)."""
+    embed = model.get_input_embeddings()
+    head = model.get_submodule(gguf_arch(model.config).lm_head)
+    return isinstance(embed, TiedEmbedding) or getattr(head, "weight", None) is embed.weight
+
+
 @dataclass
 class Tensor:
     name: str
@@ -123,8 +130,7 @@ class Planner:
     def run(self) -> Plan:
         embed = self.model.get_input_embeddings()
         head = self.model.get_submodule(self.arch.lm_head)
-        # tied: one table serves lookup and logits (llama.cpp uses token_embd for both)
-        tied = isinstance(embed, TiedEmbedding) or getattr(head, "weight", None) is embed.weight
+        tied = is_tied(self.model)
         self._weight(TOKEN_EMBEDDING, head if isinstance(embed, TiedEmbedding) else embed, None, allow_lora=False)
         for name, weight in norm_weights(self.model).items():
             self._float(name, weight)
