@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import FactorportError
+from .errors import FactorportError, exit_description
 from .formats.manifest import package_versions
 from . import hostcpu
 from .llamacpp import tools
@@ -29,22 +29,14 @@ def llama_cpp_build() -> dict:
     code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
-        return {"error": _exit_reason(done.returncode, done.stderr)}
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return {"error": f"{exit_description(done.returncode)}: {lines[-1] if lines else 'no output'}"}
     features = {}
     for item in done.stdout.replace("\n", "|").split("|"):
         key, sep, value = item.rpartition("=")
         if sep and value.strip() in ("0", "1"):
             features[key.strip().split(":")[-1].strip()] = value.strip() == "1"
     return {"compiled_with": sorted(k for k, on in features.items() if on), "features": features}
-
-
-def _exit_reason(returncode: int, stderr: str) -> str:
-    import signal
-
-    if returncode < 0:
-        return f"crashed with {signal.Signals(-returncode).name}"
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return f"exited {returncode}: {lines[-1] if lines else 'no output'}"
 
 
 def host_report() -> dict:

@@ -7,12 +7,11 @@ one line. Nothing here loads llama.cpp into factorport's own process."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import FactorportError
+from ..errors import FactorportError, exit_description
 from ..hostcpu import require_llama_cpp_features
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-cli", "llama-server")
@@ -59,8 +58,7 @@ def run_tool(name: str, arguments: list[str], timeout: float = 900.0) -> subproc
         raise FactorportError(f"{name} ran past {timeout:.0f} s and was killed") from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        how = f"crashed with {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exited {done.returncode}"
-        raise FactorportError(f"{name} {how}: {lines[-1].strip() if lines else 'no output'}")
+        raise FactorportError(f"{name} {exit_description(done.returncode)}: {lines[-1].strip() if lines else 'no output'}")
     return done
 
 

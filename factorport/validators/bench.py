@@ -79,7 +79,7 @@ def peak_rss_bytes() -> int:
 
 
 def run_worker(target: Target, config: BenchConfig) -> dict:
-    from .backends.isolated import exit_description
+    from ..errors import exit_description
 
     command = [
         sys.executable, "-m", "factorport.validators.bench",

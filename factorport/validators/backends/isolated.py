@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ...errors import FactorportError
+from ...errors import FactorportError, exit_description
 
 DEFAULT_TIMEOUT_S = 900.0  # one call: loading a large GGUF, or one window of a 7B model on 2 cores, takes minutes
 TIMEOUT_ENV = "FACTORPORT_BACKEND_TIMEOUT"
@@ -46,16 +46,6 @@ def default_timeout() -> float:
     if not seconds > 0:
         raise FactorportError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
     return seconds
-
-
-def exit_description(code: int | None) -> str:
-    """'crashed with SIGSEGV' for a signal, 'exited with status 3' otherwise."""
-    if code is not None and code < 0:
-        try:
-            return f"crashed with {signal.Signals(-code).name}"
-        except ValueError:
-            return f"crashed with signal {-code}"
-    return f"exited with status {code}"
 
 
 class _Array:
