@@ -1,15 +1,21 @@
-"""factorport's llama.cpp artifacts (llama.cpp's own quantization + a LoRA
-adapter correcting its error) against llama.cpp's quantization alone, on
-SmolLM2-135M, measured in one run.
+"""factorport's llama.cpp artifacts (llama.cpp's own quantization with
+factorport's importance matrix + a LoRA adapter correcting what remains)
+against llama.cpp's quantization, without and with the importance matrix
+`llama-imatrix` computes on the same calibration text (the strongest
+llama.cpp baseline), on SmolLM2-135M, measured in one run.
 
-For each llama.cpp type T: llama.cpp's file (llama_model_quantize of the
-reference F32 GGUF) and factorport's model.gguf + adapter.gguf, whose base is
-llama.cpp's quantization to a type B (T itself by default; `--search` also
-tries cheaper bases) and whose adapter fills what is left of a budget of
-1.05 x llama.cpp's bytes. Perplexity through llama.cpp on the first
-`--windows` windows of 512 tokens of wiki.test.raw, tokenized by llama.cpp.
-Then decode tokens/s of model + adapter vs the same base alone (median of
-repeats), next to the bound: memory bandwidth / bytes of weights per token.
+For each llama.cpp type T: llama.cpp's files (`llama-quantize [--imatrix]` of
+the reference F32 GGUF) and factorport's model.gguf + adapter.gguf, whose base
+is llama.cpp's quantization to a type B with factorport's importance matrix
+(T itself by default; `--search` also tries cheaper bases) and whose adapter
+fills what is left of a budget of `--size-limit` x llama.cpp's bytes.
+Perplexity by factorport's llama.cpp backend on the first `--windows` windows
+of 512 tokens of wiki.test.raw, tokenized by llama.cpp; for every llama.cpp
+file also by `llama-perplexity` itself (`-c 512 --chunks --windows`, the second
+half of each chunk) next to factorport's scoring of the same tokens, which must
+agree within 0.5%. Then decode tokens/s of model + adapter vs the same base
+alone (median of repeats, the backend), next to the bound: memory bandwidth /
+bytes of weights per token.
 
     .venv/bin/python benchmarks/gguf_vs_llamacpp.py [--calib-samples 128 --calib-seq-len 512]
 """
@@ -33,17 +39,20 @@ import numpy as np
 
 import factorport
 from factorport.converters import CalibrationConfig, apply, calibrate
-from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE, export
+from factorport.formats.gguf import ADAPTER_FILE, IMATRIX_FILE, MODEL_FILE, export
+from factorport.formats.gguf.imatrix import write_imatrix
+from factorport.formats.input_sums import InputSums
 from factorport.llamacpp.quantize import quantize_file
+from factorport.llamacpp.tools import llama_perplexity, run_tool
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.bandwidth import measure_bandwidth
-from factorport.validators.perplexity import perplexity, text_windows
+from factorport.validators.perplexity import llama_perplexity_chunks, perplexity, text_windows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M")
 CHEAPER = {"Q4_K_M": ("Q4_0",), "Q5_K_M": ("Q4_K_M",), "Q4_0": ("Q3_K_M",)}
-SIZE_LIMIT = 1.05
+AGREEMENT = 0.005  # llama-perplexity against factorport's scoring of the same tokens
 ADAPTER_OVERHEAD = 64_000  # GGUF header, names and alignment of ~420 adapter tensors (bytes)
 RECIPE = """
 name: glowq-llamacpp
@@ -67,8 +76,32 @@ def llamacpp_perplexity(directory: Path, windows: int, threads: int, adapter: bo
         backend.close()
 
 
+def check_against_llama_perplexity(directory: Path, windows: int, threads: int) -> float:
+    """llama-perplexity's figure for a model.gguf, after checking that
+    factorport's scoring of the same chunks agrees with it."""
+    text = DATA / "wiki.test.raw"
+    theirs = llama_perplexity(directory / MODEL_FILE, text, 512, windows, threads)
+    backend = LlamaCppBackend.open(directory, threads=threads, adapter=False)
+    try:
+        ours = perplexity(backend.logits, llama_perplexity_chunks(backend, text, windows, 512), progress=False, first=256)
+    finally:
+        backend.close()
+    agree = abs(ours / theirs - 1) <= AGREEMENT
+    print(f"  llama-perplexity {theirs:.3f}, factorport on the same tokens {ours:.3f}: {'agree' if agree else 'DISAGREE'} (within {AGREEMENT:.1%})", flush=True)
+    if not agree:
+        raise SystemExit(f"llama-perplexity and factorport's perplexity of {directory.name} differ by more than {AGREEMENT:.1%}")
+    return theirs
+
+
 def artifact_bytes(directory: Path) -> int:
     return sum((directory / f).stat().st_size for f in (MODEL_FILE, ADAPTER_FILE) if (directory / f).exists())
+
+
+def llama_imatrix(f32: Path, out: Path, args) -> Path:
+    """`llama-imatrix` of the reference on the calibration text, as many chunks of the same length."""
+    run_tool("llama-imatrix", ["-m", str(f32), "-f", str(DATA / "wiki.valid.tokens"), "-c", str(args.calib_seq_len),
+                               "--chunks", str(args.calib_samples), "-o", str(out), "--no-ppl", "-t", str(args.threads)], timeout=7200)
+    return out
 
 
 def factorport_artifact(reference, tokenizer, stats, base: str, budget: int, out: Path, targets: str, multiple: int) -> dict:
@@ -77,7 +110,7 @@ def factorport_artifact(reference, tokenizer, stats, base: str, budget: int, out
     apply(model, recipe.steps, stats, progress=False)
     out.mkdir(parents=True)
     export(model, tokenizer, out, progress=False, native=False)
-    return {"recipe": f"llamacpp {base} + EoRA adapter (budget {budget / 1e6:.2f} MB, ranks in steps of {multiple})"}
+    return {"recipe": f"llamacpp {base} (factorport imatrix) + EoRA adapter (budget {budget / 1e6:.2f} MB, ranks in steps of {multiple})"}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -118,6 +151,7 @@ def main() -> None:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--search", action="store_true", help="also try cheaper llama.cpp bases with a larger adapter")
+    p.add_argument("--size-limit", type=float, default=1.05, help="factorport's bytes at most this x llama.cpp's")
     p.add_argument("--work", default="/tmp/factorport-gguf-bench", help="scratch directory (deleted first)")
     p.add_argument("--targets", default="linears", help="what the correction may touch (a quick smoke run: 'model.layers.0.*')")
     p.add_argument(
@@ -136,51 +170,66 @@ def main() -> None:
     print(f"calibration {args.calib_samples}x{args.calib_seq_len} of wiki.valid.tokens: {stats.seconds:.0f} s", flush=True)
     (work / "f32").mkdir()
     export(reference, tokenizer, work / "f32", progress=False, gguf_type="F32", native=False)
-    print(f"reference F32 GGUF: {(work / 'f32' / MODEL_FILE).stat().st_size / 1e6:.1f} MB; perplexity {llamacpp_perplexity(work / 'f32', args.windows, args.threads):.3f}", flush=True)
+    f32 = work / "f32" / MODEL_FILE
+    print(f"reference F32 GGUF: {f32.stat().st_size / 1e6:.1f} MB; perplexity {llamacpp_perplexity(work / 'f32', args.windows, args.threads):.3f}", flush=True)
+    check_against_llama_perplexity(work / "f32", args.windows, args.threads)
+    imatrices = {"llama-imatrix": llama_imatrix(f32, work / "llama-imatrix.gguf", args), "factorport": work / IMATRIX_FILE}
+    write_imatrix(imatrices["factorport"], reference, InputSums(stats.input_sums(list(stats.key_of)), stats.tokens, args.calib_seq_len, stats.source))
 
-    rows, chosen, speed_done = [], {}, False
+    def llama_quantize(type_name: str, imatrix: str | None) -> Path:
+        directory = work / (f"llamacpp-{type_name}" + ("" if imatrix is None else f"-{imatrix}"))
+        if not directory.exists():
+            directory.mkdir()
+            if imatrix is None:
+                quantize_file(f32, directory / MODEL_FILE, type_name)
+            else:
+                run_tool("llama-quantize", ["--imatrix", str(imatrices[imatrix]), str(f32), str(directory / MODEL_FILE), type_name], timeout=1800)
+        return directory
+
+    rows, speed_done = [], False
     for type_name in args.types.split(","):
-        theirs = work / f"llamacpp-{type_name}"
-        theirs.mkdir()
-        quantize_file(work / "f32" / MODEL_FILE, theirs / MODEL_FILE, type_name)
-        their_bytes = artifact_bytes(theirs)
-        their_ppl = llamacpp_perplexity(theirs, args.windows, args.threads)
+        anchors = {}
+        for imatrix in (None, "llama-imatrix"):
+            directory = llama_quantize(type_name, imatrix)
+            label = f"llama.cpp {type_name}" + (f" + {imatrix}" if imatrix else "")
+            print(label, flush=True)
+            anchors[imatrix] = (artifact_bytes(directory), llamacpp_perplexity(directory, args.windows, args.threads))
+            check_against_llama_perplexity(directory, args.windows, args.threads)
+            print(f"  {anchors[imatrix][0] / 1e6:.2f} MB, perplexity {anchors[imatrix][1]:.3f}", flush=True)
+        their_bytes = anchors["llama-imatrix"][0]
         best = None
         for base in (type_name,) + (CHEAPER.get(type_name, ()) if args.search else ()):
-            base_dir = work / f"llamacpp-{base}"
-            if not base_dir.exists():
-                base_dir.mkdir()
-                quantize_file(work / "f32" / MODEL_FILE, base_dir / MODEL_FILE, base)
-            budget = int(SIZE_LIMIT * their_bytes - artifact_bytes(base_dir) - ADAPTER_OVERHEAD)
+            base_dir = llama_quantize(base, "factorport")
+            budget = int(args.size_limit * their_bytes - artifact_bytes(base_dir) - ADAPTER_OVERHEAD)
             if budget <= 0:
                 continue
             ours = work / f"factorport-{type_name}-on-{base}"
             info = factorport_artifact(reference, tokenizer, stats, base, budget, ours, args.targets, args.multiple)
             ours_bytes = artifact_bytes(ours)
             identical = same_tensors(ours / MODEL_FILE, base_dir / MODEL_FILE)
-            print(f"  model.gguf holds exactly llama.cpp's {base} tensors: {identical}", flush=True)
+            print(f"  model.gguf holds exactly llama-quantize --imatrix {IMATRIX_FILE}'s {base} tensors: {identical}", flush=True)
+            base_ppl = llamacpp_perplexity(ours, args.windows, args.threads, adapter=False)
             ours_ppl = llamacpp_perplexity(ours, args.windows, args.threads)
-            print(f"  {type_name}: base {base}: {ours_bytes / 1e6:.2f} MB ({ours_bytes / their_bytes:.3f}x) perplexity {ours_ppl:.3f}", flush=True)
-            candidate = (ours_ppl, ours_bytes, ours, info["recipe"])
-            if ours_bytes <= SIZE_LIMIT * their_bytes and (best is None or ours_ppl < best[0]):
-                best = candidate
-        chosen[type_name] = best
-        rows.append((type_name, their_bytes, their_ppl, tensor_types(theirs / MODEL_FILE), best))
-        print(f"{type_name}: llama.cpp {their_bytes / 1e6:.2f} MB perplexity {their_ppl:.3f}", flush=True)
+            print(f"  {type_name}: base {base}: {ours_bytes / 1e6:.2f} MB ({ours_bytes / their_bytes:.3f}x) perplexity {ours_ppl:.3f} (base alone {base_ppl:.3f})", flush=True)
+            if ours_bytes <= args.size_limit * their_bytes and (best is None or ours_ppl < best[0]):
+                best = (ours_ppl, ours_bytes, ours, info["recipe"], base_ppl)
+        rows.append((type_name, anchors, tensor_types(work / f"llamacpp-{type_name}-llama-imatrix" / MODEL_FILE), best))
         if best is not None and not speed_done:
             speed_done = report_decode_speed(type_name, best[2], args)
 
-    print(f"\nSmolLM2-135M, perplexity in llama.cpp on {args.windows} x 512 tokens of wiki.test.raw; calibration {args.calib_samples}x{args.calib_seq_len}")
-    print("| type | llama.cpp MB | llama.cpp ppl | tensor types held | factorport MB (x) | factorport ppl | recipe | adapter MB | wins |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for type_name, their_bytes, their_ppl, held, best in rows:
+    print(f"\nSmolLM2-135M, perplexity in llama.cpp on {args.windows} x 512 tokens of wiki.test.raw; calibration {args.calib_samples}x{args.calib_seq_len} "
+          f"of wiki.valid.tokens for both importance matrices; factorport at most {args.size_limit:g}x the imatrix file's bytes")
+    print("| type | llama.cpp MB | ppl | + llama-imatrix ppl | tensor types held | factorport MB (x) | factorport ppl | its base alone | recipe | beats imatrix |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for type_name, anchors, held, best in rows:
+        (plain_bytes, plain_ppl), (their_bytes, their_ppl) = anchors[None], anchors["llama-imatrix"]
         if best is None:
-            print(f"| {type_name} | {their_bytes / 1e6:.2f} | {their_ppl:.3f} | {held} | – | – | – | – | no |")
+            print(f"| {type_name} | {plain_bytes / 1e6:.2f} | {plain_ppl:.3f} | {their_ppl:.3f} | {held} | – | – | – | – | no |")
             continue
-        ppl, ours_bytes, ours, recipe = best
-        adapter_mb = (ours / ADAPTER_FILE).stat().st_size / 1e6
-        wins = ppl < their_ppl and ours_bytes <= SIZE_LIMIT * their_bytes
-        print(f"| {type_name} | {their_bytes / 1e6:.2f} | {their_ppl:.3f} | {held} | {ours_bytes / 1e6:.2f} ({ours_bytes / their_bytes:.3f}) | {ppl:.3f} | {recipe} | {adapter_mb:.2f} | {'yes' if wins else 'no'} |")
+        ppl, ours_bytes, _, recipe, base_ppl = best
+        wins = ppl < their_ppl and ours_bytes <= args.size_limit * their_bytes
+        print(f"| {type_name} | {plain_bytes / 1e6:.2f} | {plain_ppl:.3f} | {their_ppl:.3f} | {held} | {ours_bytes / 1e6:.2f} ({ours_bytes / their_bytes:.3f}) | "
+              f"{ppl:.3f} | {base_ppl:.3f} | {recipe} | {'yes' if wins else 'no'} |")
 
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

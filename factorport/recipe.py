@@ -55,7 +55,10 @@ class Recipe:
     def needs_calibration(self) -> bool:
         if not self.steps:  # statistics only
             return True
-        return any(kind in ("share", "correct", "budget") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") for kind, cfg in self.steps)
+        return any(
+            kind in ("share", "correct", "budget") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") or getattr(cfg, "imatrix", False)
+            for kind, cfg in self.steps
+        )
 
 
 def presets() -> list[str]:

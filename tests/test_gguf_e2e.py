@@ -15,7 +15,7 @@ from factorport.formats.gguf import NATIVE_FILE, export, load_native
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.backends.torch_backend import TorchBackend
-from factorport.validators.perplexity import perplexity, text_windows
+from factorport.validators.perplexity import llama_perplexity_chunks, perplexity, text_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -62,6 +62,24 @@ def test_every_base_is_lossless_and_corrections_go_to_the_adapter(artifact):
     assert report["requantized"] == [] and report["multiplied_out"] == []
     assert report["tensor_types"] == {"Q8_0": 1, "Q4_0": 210, "F32": 61}
     assert report["adapter"]["pairs"] == 70 and report["tokenizer"].startswith("copied")
+
+
+def test_llama_perplexity_and_factorports_scoring_agree_on_the_same_tokens(artifact):
+    """llama.cpp's own `llama-perplexity` (model + --lora adapter) and
+    factorport's perplexity code on the llama.cpp backend, cutting and scoring
+    the chunks as llama-perplexity does: two implementations of one number."""
+    from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE
+    from factorport.llamacpp.tools import llama_perplexity
+
+    _, _, out, _ = artifact
+    text = DATA / "wiki.test.raw"
+    theirs = llama_perplexity(out / MODEL_FILE, text, n_ctx=512, chunks=3, lora=out / ADAPTER_FILE)
+    backend = LlamaCppBackend.open(out, threads=2)
+    try:
+        ours = perplexity(backend.logits, llama_perplexity_chunks(backend, text, 3, 512), progress=False, first=256)
+    finally:
+        backend.close()
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
 
 
 def test_llamacpp_perplexity_within_one_percent_and_top1_agreement(runs):

@@ -6,14 +6,13 @@ importance matrix `llama-imatrix` computes on the same calibration text."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 import factorport
 from factorport.formats.gguf import IMATRIX_FILE, MODEL_FILE
-from factorport.llamacpp.tools import run_tool
+from factorport.llamacpp.tools import llama_perplexity, run_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -21,14 +20,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 CHUNKS, CONTEXT = 16, 512  # calibration: 16 sequences of 512 tokens of wiki.valid.tokens, for both
 PPL_CHUNKS = 6  # llama-perplexity: 6 chunks of 512 tokens of wiki.test.raw (it scores the second half of each)
 RECIPE = f"name: statistics\ncalibration: {{samples: {CHUNKS}, seq_len: {CONTEXT}}}\nsteps: []\n"
-
-
-def llama_perplexity(model: Path) -> float:
-    done = run_tool("llama-perplexity", ["-m", str(model), "-f", str(DATA / "wiki.test.raw"), "-c", str(CONTEXT),
-                                         "--chunks", str(PPL_CHUNKS), "-t", "2"], timeout=900)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    assert found, (done.stdout + done.stderr)[-2000:]
-    return float(found.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def scores(tmp_path_factory) -> dict[str, float]:
     for label, imatrix in (("Q4_0", None), ("Q4_0 + factorport imatrix", ours), ("Q4_0 + llama-imatrix", theirs)):
         quantized = root / f"{label.replace(' ', '_')}.gguf"
         run_tool("llama-quantize", [*(["--imatrix", str(imatrix)] if imatrix else []), str(dense), str(quantized), "Q4_0"], timeout=600)
-        results[label] = llama_perplexity(quantized)
+        results[label] = llama_perplexity(quantized, DATA / "wiki.test.raw", CONTEXT, PPL_CHUNKS)
     print(results)
     return results
 

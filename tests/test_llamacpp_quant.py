@@ -88,3 +88,44 @@ def test_convert_flags_set_the_llamacpp_type_and_the_adapter_budget():
     assert [(c.ranks.rank, c.ranks.budget) for name, c in w4.steps if name == "correct"] == [(None, {"added_bytes": 2.5e6})]
     with pytest.raises(FactorportError, match="no correct step"):
         _override_steps(load_recipe("w4-rtn"), _step_options(args))
+
+
+def test_with_calibration_the_base_is_llama_quantize_with_that_imatrix(make_model, stats_for, tmp_path):
+    """The step hands llama.cpp the same importance matrix that
+    `llama-quantize --imatrix imatrix.gguf` reads from factorport's file: the
+    blocks are byte-identical, differ from a plain quantization, and fit the
+    calibration's inputs better."""
+    from factorport.converters.llamacpp import _all_tensors
+    from factorport.formats.gguf.imatrix import write_imatrix
+    from factorport.formats.input_sums import InputSums
+    from factorport.llamacpp.hparams import hparams
+    from factorport.llamacpp.quantize import add_values
+    from factorport.llamacpp.tools import run_tool
+
+    model = make_model("llama")
+    stats = stats_for(model)
+    source, imatrix, target = tmp_path / "f32.gguf", tmp_path / "imatrix.gguf", tmp_path / "q4_0.gguf"
+    writer = gguf.GGUFWriter(source, arch="llama")
+    add_values(writer, hparams(model.config))
+    for name, array in _all_tensors(model).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    write_imatrix(imatrix, model, InputSums(stats.input_sums(list(stats.key_of)), stats.tokens, 64, "random"))
+    run_tool("llama-quantize", ["--imatrix", str(imatrix), str(source), str(target), "Q4_0"], timeout=120)
+    by_tool = {t.name: np.array(t.data).view(np.uint8).reshape(int(t.shape[1]), -1) for t in gguf.GGUFReader(target).tensors if len(t.shape) == 2}
+
+    errors = {}
+    for imatrix_on in (True, False):
+        converted = make_model("llama")
+        recipe = parse_recipe(f"name: t\nsteps:\n  - llamacpp: {{type: Q4_0, imatrix: {str(imatrix_on).lower()}}}\n")
+        reports = apply(converted, recipe.steps, stats, progress=False)
+        errors[imatrix_on] = sum(r.calib_error for r in reports if r.name != "lm_head")
+        q = converted.model.layers[1].mlp.down_proj
+        assert ("imatrix" in q_report(reports, "model.layers.1.mlp.down_proj").operator) == imatrix_on
+        same = np.array_equal(q.base.blocks.numpy(), by_tool["blk.1.ffn_down.weight"])
+        assert same == imatrix_on
+    assert errors[True] < 0.97 * errors[False]
+
+
+def q_report(reports, name):
+    return next(r for r in reports if r.name == name)

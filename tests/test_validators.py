@@ -37,6 +37,25 @@ def test_identical_logits_are_perfect_parity():
     assert abs(m["mean_kl"]) < 1e-9 and m["perplexity_rel_diff"] == 0
 
 
+def test_a_flipped_near_tie_agrees_and_is_counted_but_a_real_flip_does_not():
+    """fp32 summation order can flip two logits 1e-6 apart; a flip by more
+    than the tolerance is a different prediction."""
+    from factorport.validators.parity import TIE_TOLERANCE
+
+    logits, ids = _window()
+    scale = float(logits.abs().max())
+    for gap, agreement, ties in ((0.5 * TIE_TOLERANCE, 1.0, 1), (2 * TIE_TOLERANCE, 15 / 16, 0)):
+        reference = logits.clone()
+        best, runner_up = reference[3].topk(2).indices
+        reference[3, runner_up] = reference[3, best] - gap * scale  # the reference's runner-up, `gap` below its best
+        backend = reference.clone()
+        backend[3, [best, runner_up]] = reference[3, [runner_up, best]]  # the backend picks the runner-up
+        acc = ParityAccumulator()
+        acc.add(reference, backend, ids)
+        m = acc.metrics()
+        assert (m["top1_agreement"], m["top1_near_ties"]) == (pytest.approx(agreement), ties)
+
+
 def test_parity_metrics_see_a_flipped_prediction():
     logits, ids = _window()
     changed = logits.clone()

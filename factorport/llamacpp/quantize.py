@@ -23,7 +23,7 @@ FTYPES = (
     "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M", "IQ3_XS", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M",
     "TQ1_0", "TQ2_0",
 )
-# Types whose quantizer needs an importance matrix in llama.cpp (we do not pass one).
+# Types whose quantizer needs an importance matrix in llama.cpp.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 
 
@@ -37,17 +37,19 @@ def ftype_value(name: str) -> int:
 
 
 def quantize_model(
-    tensors: dict[str, np.ndarray], metadata: dict, ftype: str, threads: int = 0
+    tensors: dict[str, np.ndarray], metadata: dict, ftype: str, threads: int = 0, importance: dict[str, np.ndarray] | None = None
 ) -> dict[str, tuple[str, np.ndarray]]:
     """llama.cpp's quantization of a whole model: {gguf name: (ggml type, raw
     blocks (rows, row_bytes))} for every 2-D tensor of `tensors` (float32,
     (rows, cols)). `metadata` is the model's GGUF key/values (architecture and
     hyper-parameters: llama.cpp chooses per-tensor types by name, layer and
-    shape). Rows are quantized independently, so their order does not matter."""
+    shape). Rows are quantized independently, so their order does not matter.
+    `importance`: {gguf name: mean x² per input column}, llama.cpp's
+    importance matrix (what `llama-quantize --imatrix` reads from a file)."""
     import gguf
 
-    if ftype in NEEDS_IMATRIX:
-        raise FactorportError(f"{ftype} needs an importance matrix in llama.cpp; pick another type")
+    if ftype in NEEDS_IMATRIX and not importance:
+        raise FactorportError(f"{ftype} needs an importance matrix in llama.cpp; calibrate (a recipe calibration section) or pick another type")
     ftype_value(ftype)  # before writing anything
     with tempfile.TemporaryDirectory(prefix="factorport-llamacpp-") as scratch:
         source, target = Path(scratch) / "f32.gguf", Path(scratch) / "quantized.gguf"
@@ -60,7 +62,7 @@ def quantize_model(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        quantize_file(source, target, ftype, threads)
+        quantize_file(source, target, ftype, threads, importance=importance)
         reader = gguf.GGUFReader(target)
         result = {}
         for t in reader.tensors:
@@ -72,17 +74,38 @@ def quantize_model(
     return result
 
 
-def quantize_file(source: Path, target: Path, ftype: str, threads: int = 0, allow_requantize: bool = False) -> None:
-    """`llama-quantize SOURCE TARGET FTYPE`, in this process (llama.cpp's
-    quantizer does not crash on the files factorport checks and writes)."""
+def quantize_file(
+    source: Path, target: Path, ftype: str, threads: int = 0, allow_requantize: bool = False, importance: dict[str, np.ndarray] | None = None
+) -> None:
+    """`llama-quantize [--imatrix] SOURCE TARGET FTYPE`, in this process
+    (llama.cpp's quantizer does not crash on the files factorport checks and
+    writes). `importance` as `quantize_model`'s."""
     llama_cpp = import_llama_cpp()  # refuses, in one line, a CPU the build does not fit
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_value(ftype)
     params.nthread = threads
     params.allow_requantize = allow_requantize
+    if importance:
+        entries, buffers = _imatrix_entries(llama_cpp, importance)  # both kept alive until llama.cpp has copied them
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
         raise FactorportError(f"llama.cpp could not quantize {source.name} to {ftype} (status {status})")
+
+
+def _imatrix_entries(llama_cpp, importance: dict[str, np.ndarray]):
+    """llama.cpp's `llama_model_imatrix_data` array: (name, floats, count) per
+    tensor, ended by a null name, and the buffers its pointers point into."""
+    for name, values in importance.items():
+        if not np.isfinite(values).all():
+            raise FactorportError(f"the importance matrix of {name} holds a non-finite value; calibrate again")
+    entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    buffers = []
+    for i, (name, values) in enumerate(importance.items()):
+        data = np.ascontiguousarray(values, dtype=np.float32).ravel()
+        buffers.append((name.encode(), data))
+        entries[i].name, entries[i].data, entries[i].size = buffers[-1][0], data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size
+    return entries, buffers
 
 
 def add_values(writer, values: dict) -> None:

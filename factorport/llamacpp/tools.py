@@ -7,6 +7,7 @@ one line. Nothing here loads llama.cpp into factorport's own process."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,15 @@ def version() -> str:
     done = run_tool("llama-cli", ["--version"], timeout=60)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("version")]
     return lines[0].strip() if lines else "unknown"
+
+
+def llama_perplexity(model: Path, text: Path, n_ctx: int = 512, chunks: int = 8, threads: int = 2, lora: Path | None = None, timeout: float = 1800.0) -> float:
+    """The "Final estimate: PPL" of `llama-perplexity -m MODEL [--lora LORA] -f
+    TEXT -c N_CTX --chunks CHUNKS`: the second half of each chunk scored
+    (validators.perplexity.llama_perplexity_chunks cuts the same chunks)."""
+    arguments = ["-m", str(model), *(["--lora", str(lora)] if lora else []), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
+    done = run_tool("llama-perplexity", arguments, timeout=timeout)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    if not found:
+        raise FactorportError(f"llama-perplexity printed no final estimate for {model.name}")
+    return float(found.group(1))
