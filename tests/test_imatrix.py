@@ -83,6 +83,9 @@ def test_llama_quantize_reads_it_and_quantizes_otherwise(output, tmp_path):
     blocks = {t.name: bytes(t.data) for t in GGUFReader(plain).tensors}
     changed = [t.name for t in GGUFReader(weighted).tensors if t.tensor_type.name == "Q4_0" and bytes(t.data) != blocks[t.name]]
     assert "blk.0.attn_q.weight" in changed  # the importance weights moved the int4 grid
+    from factorport.formats.gguf.checks import check_model
+
+    check_model(weighted)  # llama-quantize's quantize.imatrix.* keys do not make the file suspect
 
 
 def test_damaged_input_sums_are_refused(output, tmp_path):

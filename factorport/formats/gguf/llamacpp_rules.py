@@ -171,7 +171,7 @@ def _check_keys(layout: Layout, arch: str) -> None:
             if key not in TOKENIZER_KEYS:
                 _fail(layout, f"key {shown(key)} is not a tokenizer key factorport writes")
             _expect_type(layout, key, kv, *TOKENIZER_KEYS[key])
-        elif not key.startswith(("general.", "factorport.")):
+        elif not key.startswith(("general.", "factorport.", "quantize.")):  # quantize.*: llama-quantize's record of its imatrix, only printed
             _fail(layout, f"key {shown(key)} is not one factorport writes into a model for llama.cpp")
     for suffix, (_, required) in ARCH_KEYS.items():
         if required and f"{arch}.{suffix}" not in layout.kv:
