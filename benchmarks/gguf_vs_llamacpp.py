@@ -47,7 +47,7 @@ from factorport.llamacpp.tools import llama_perplexity, run_tool
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.bandwidth import measure_bandwidth
-from factorport.validators.perplexity import llama_perplexity_chunks, perplexity, text_windows
+from factorport.validators.perplexity import llama_perplexity_protocol, perplexity, text_windows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M")
@@ -83,7 +83,7 @@ def check_against_llama_perplexity(directory: Path, windows: int, threads: int) 
     theirs = llama_perplexity(directory / MODEL_FILE, text, 512, windows, threads)
     backend = LlamaCppBackend.open(directory, threads=threads, adapter=False)
     try:
-        ours = perplexity(backend.logits, llama_perplexity_chunks(backend, text, windows, 512), progress=False, first=256)
+        ours = llama_perplexity_protocol(backend, text, windows, 512)
     finally:
         backend.close()
     agree = abs(ours / theirs - 1) <= AGREEMENT

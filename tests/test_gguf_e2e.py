@@ -15,7 +15,7 @@ from factorport.formats.gguf import NATIVE_FILE, export, load_native
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.backends.torch_backend import TorchBackend
-from factorport.validators.perplexity import llama_perplexity_chunks, perplexity, text_windows
+from factorport.validators.perplexity import llama_perplexity_protocol, perplexity, text_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_llama_perplexity_and_factorports_scoring_agree_on_the_same_tokens(artif
     theirs = llama_perplexity(out / MODEL_FILE, text, n_ctx=512, chunks=3, lora=out / ADAPTER_FILE)
     backend = LlamaCppBackend.open(out, threads=2)
     try:
-        ours = perplexity(backend.logits, llama_perplexity_chunks(backend, text, 3, 512), progress=False, first=256)
+        ours = llama_perplexity_protocol(backend, text, chunks=3, n_ctx=512)
     finally:
         backend.close()
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)

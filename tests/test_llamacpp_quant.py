@@ -99,17 +99,13 @@ def test_with_calibration_the_base_is_llama_quantize_with_that_imatrix(make_mode
     from factorport.formats.gguf.imatrix import write_imatrix
     from factorport.formats.input_sums import InputSums
     from factorport.llamacpp.hparams import hparams
-    from factorport.llamacpp.quantize import add_values
+    from factorport.llamacpp.quantize import write_f32
     from factorport.llamacpp.tools import run_tool
 
     model = make_model("llama")
     stats = stats_for(model)
     source, imatrix, target = tmp_path / "f32.gguf", tmp_path / "imatrix.gguf", tmp_path / "q4_0.gguf"
-    writer = gguf.GGUFWriter(source, arch="llama")
-    add_values(writer, hparams(model.config))
-    for name, array in _all_tensors(model).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    write_f32(source, _all_tensors(model), hparams(model.config))
     write_imatrix(imatrix, model, InputSums(stats.input_sums(list(stats.key_of)), stats.tokens, 64, "random"))
     run_tool("llama-quantize", ["--imatrix", str(imatrix), str(source), str(target), "Q4_0"], timeout=120)
     by_tool = {t.name: np.array(t.data).view(np.uint8).reshape(int(t.shape[1]), -1) for t in gguf.GGUFReader(target).tensors if len(t.shape) == 2}

@@ -53,15 +53,7 @@ def quantize_model(
     ftype_value(ftype)  # before writing anything
     with tempfile.TemporaryDirectory(prefix="factorport-llamacpp-") as scratch:
         source, target = Path(scratch) / "f32.gguf", Path(scratch) / "quantized.gguf"
-        writer = gguf.GGUFWriter(source, arch=metadata["general.architecture"])
-        add_values(writer, metadata)
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-        for name, array in tensors.items():
-            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_f32(source, tensors, metadata)
         quantize_file(source, target, ftype, threads, importance=importance)
         reader = gguf.GGUFReader(target)
         result = {}
@@ -72,6 +64,21 @@ def quantize_model(
                 result[t.name] = (t.tensor_type.name, data.view(np.uint8).reshape(rows, -1))
         del reader
     return result
+
+
+def write_f32(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    """An F32 GGUF of `tensors` with the model's key/values: what llama.cpp's quantizer reads."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch=metadata["general.architecture"])
+    add_values(writer, metadata)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    for name, array in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def quantize_file(

@@ -73,7 +73,7 @@ def version() -> str:
 def llama_perplexity(model: Path, text: Path, n_ctx: int = 512, chunks: int = 8, threads: int = 2, lora: Path | None = None, timeout: float = 1800.0) -> float:
     """The "Final estimate: PPL" of `llama-perplexity -m MODEL [--lora LORA] -f
     TEXT -c N_CTX --chunks CHUNKS`: the second half of each chunk scored
-    (validators.perplexity.llama_perplexity_chunks cuts the same chunks)."""
+    (validators.perplexity.llama_perplexity_protocol scores the same tokens)."""
     arguments = ["-m", str(model), *(["--lora", str(lora)] if lora else []), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
     done = run_tool("llama-perplexity", arguments, timeout=timeout)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)

@@ -5,9 +5,8 @@ runtime's tokenizer puts one before a text, as Gemma's does, and then holds
 that many fewer text tokens), and every window is scored independently;
 perplexity = exp(mean negative log-likelihood of all predicted tokens).
 
-`llama_perplexity_chunks` + `perplexity(..., first=n_ctx // 2)` is instead
-`llama-perplexity -c n_ctx`'s protocol, to check this code against llama.cpp's
-own tool on the very tokens it scores."""
+`llama_perplexity_protocol` is instead `llama-perplexity -c n_ctx`'s protocol,
+to check this code against llama.cpp's own tool on the very tokens it scores."""
 
 from __future__ import annotations
 
@@ -38,12 +37,17 @@ def text_windows(backend, path: str | Path, windows: int, seq_len: int = 512) ->
     return [torch.tensor(start + ids[i * step : (i + 1) * step]) for i in range(count)]
 
 
-def llama_perplexity_chunks(backend, path: str | Path, chunks: int, n_ctx: int = 512) -> list[torch.Tensor]:
-    """The chunks `llama-perplexity -c n_ctx --chunks N` scores: the text read
-    byte for byte and tokenized whole after the runtime's start (its BOS, if
-    it adds one), cut into consecutive n_ctx pieces, each piece's first token
-    then replaced by that BOS. It scores the second half of each
-    (`perplexity(first=n_ctx // 2)`)."""
+def llama_perplexity_protocol(backend, path: str | Path, chunks: int, n_ctx: int = 512) -> float:
+    """`backend`'s perplexity as `llama-perplexity -c n_ctx --chunks N` computes
+    it: the second half of each chunk scored (`_llama_perplexity_chunks`)."""
+    return perplexity(backend.logits, _llama_perplexity_chunks(backend, path, chunks, n_ctx), progress=False, first=n_ctx // 2)
+
+
+def _llama_perplexity_chunks(backend, path: str | Path, chunks: int, n_ctx: int) -> list[torch.Tensor]:
+    """The chunks `llama-perplexity` scores: the text read byte for byte and
+    tokenized whole after the runtime's start (its BOS, if it adds one), cut
+    into consecutive n_ctx pieces, each piece's first token then replaced by
+    that BOS."""
     text = Path(path).read_bytes().decode("utf-8", errors="replace")  # as llama-perplexity reads it: "\r\n" kept
     start = backend.text_start()
     ids = start + backend.tokenize(text[: chunks * n_ctx * 8])
