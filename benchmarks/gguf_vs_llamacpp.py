@@ -1,23 +1,23 @@
-"""factorport's llama.cpp artifacts (llama.cpp's own quantization with
-factorport's importance matrix + a LoRA adapter correcting what remains)
-against llama.cpp's quantization, without and with the importance matrix
-`llama-imatrix` computes on the same calibration text (the strongest
-llama.cpp baseline), on SmolLM2-135M, measured in one run.
+"""factorport's llama.cpp artifacts at llama.cpp's bytes against llama.cpp's
+quantization, without and with the importance matrix `llama-imatrix`
+computes on the same calibration text (the strongest llama.cpp baseline), on
+SmolLM2-135M, measured in one run.
 
 For each llama.cpp type T: llama.cpp's files (`llama-quantize [--imatrix]` of
-the reference F32 GGUF) and factorport's model.gguf + adapter.gguf, whose base
-is llama.cpp's quantization to a type B with factorport's importance matrix
-(T itself by default; `--search` also tries cheaper bases) and whose adapter
-fills what is left of a budget of `--size-limit` x llama.cpp's bytes.
-Perplexity by factorport's llama.cpp backend on the first `--windows` windows
-of 512 tokens of wiki.test.raw, tokenized by llama.cpp; for every llama.cpp
-file also by `llama-perplexity` itself (`-c 512 --chunks --windows`, the second
-half of each chunk) next to factorport's scoring of the same tokens, which must
-agree within 0.5%. Then decode tokens/s of model + adapter vs the same base
-alone (median of repeats, the backend), next to the bound: memory bandwidth /
-bytes of weights per token.
+the reference F32 GGUF) and factorport's model.gguf + adapter.gguf from the
+recipe `llamacpp: {bytes: N}`, N what keeps the two files within the
+bytes of llama.cpp's imatrix file of T: per-tensor llama.cpp types (quantized by
+llama.cpp with factorport's importance matrix) and LoRA correction ranks,
+chosen by calibration output error per byte. Perplexity by factorport's llama.cpp backend on the first `--windows`
+windows of 512 tokens of wiki.test.raw, tokenized by llama.cpp; for every
+llama.cpp file also by `llama-perplexity` itself (`-c 512 --chunks
+--windows`, the second half of each chunk) next to factorport's scoring of
+the same tokens, which must agree within 0.5%. Then decode tokens/s of each
+factorport artifact (model + adapter) against llama.cpp's imatrix file of the
+same type (median of repeats, the llama.cpp backend), next to the bound:
+memory bandwidth / bytes of weights per token.
 
-    .venv/bin/python benchmarks/gguf_vs_llamacpp.py [--calib-samples 128 --calib-seq-len 512]
+    .venv/bin/python benchmarks/gguf_vs_llamacpp.py [--types Q4_0 --calib-samples 32 --windows 10]
 """
 
 from __future__ import annotations
@@ -35,13 +35,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gguf
-import numpy as np
-
 import factorport
 from factorport.converters import CalibrationConfig, apply, calibrate
-from factorport.formats.gguf import ADAPTER_FILE, IMATRIX_FILE, MODEL_FILE, export
-from factorport.formats.gguf.imatrix import write_imatrix
-from factorport.formats.input_sums import InputSums
+from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE, export
 from factorport.llamacpp.quantize import quantize_file
 from factorport.llamacpp.tools import llama_perplexity, run_tool
 from factorport.recipe import parse_recipe
@@ -50,16 +46,14 @@ from factorport.validators.bandwidth import measure_bandwidth
 from factorport.validators.perplexity import llama_perplexity_protocol, perplexity, text_windows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-TYPES = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M")
-CHEAPER = {"Q4_K_M": ("Q4_0",), "Q5_K_M": ("Q4_K_M",), "Q4_0": ("Q3_K_M",)}
+TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "IQ4_XS")
 AGREEMENT = 0.005  # llama-perplexity against factorport's scoring of the same tokens
-ADAPTER_OVERHEAD = 64_000  # GGUF header, names and alignment of ~420 adapter tensors (bytes)
 RECIPE = """
-name: glowq-llamacpp
+name: llamacpp-equal-bytes
 steps:
-  - llamacpp: {{targets: [linears, lm_head], type: {base}}}
-  - correct: {{targets: [{targets}], shared: false, ranks: {{budget: {{added_bytes: {budget}}}, multiple: {multiple}}}}}
+  - llamacpp: {{targets: [linears, lm_head], bytes: {bytes}}}
 """
+ADAPTER_HEADER = 4096  # adapter.gguf's header and key/values, beyond its tensors' entries (which the step counts)
 
 
 def tensor_types(path: Path) -> str:
@@ -104,20 +98,31 @@ def llama_imatrix(f32: Path, out: Path, args) -> Path:
     return out
 
 
-def factorport_artifact(reference, tokenizer, stats, base: str, budget: int, out: Path, targets: str, multiple: int) -> dict:
+def byte_target(theirs: Path, reference: Path) -> int:
+    """The tensor bytes that keep model.gguf + adapter.gguf within llama.cpp's
+    file: its weight tensors', less what factorport's key/values (those of the
+    reference export) take beyond llama.cpp's."""
+    def split(path):
+        tensors = gguf.GGUFReader(path).tensors
+        return sum(int(t.n_bytes) for t in tensors if len(t.shape) == 2), path.stat().st_size - sum(int(t.n_bytes) for t in tensors)
+
+    (weights, their_header), (_, our_header) = split(theirs), split(reference)
+    return weights + their_header - our_header - ADAPTER_HEADER
+
+
+def factorport_artifact(reference, tokenizer, stats, target: int, out: Path) -> list:
     model = copy.deepcopy(reference)
-    recipe = parse_recipe(RECIPE.format(base=base, budget=float(budget), targets=targets, multiple=multiple))
-    apply(model, recipe.steps, stats, progress=False)
+    reports = apply(model, parse_recipe(RECIPE.format(bytes=target)).steps, stats, progress=True)
     out.mkdir(parents=True)
     export(model, tokenizer, out, progress=False, native=False)
-    return {"recipe": f"llamacpp {base} (factorport imatrix) + EoRA adapter (budget {budget / 1e6:.2f} MB, ranks in steps of {multiple})"}
+    return reports
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    """Whether two GGUF files hold the same tensors, byte for byte (metadata aside)."""
-    ta = {t.name: (t.tensor_type, np.array(t.data).tobytes()) for t in gguf.GGUFReader(a).tensors}
-    tb = {t.name: (t.tensor_type, np.array(t.data).tobytes()) for t in gguf.GGUFReader(b).tensors}
-    return ta == tb
+def chosen(reports) -> str:
+    """What the step chose: how many tensors of each type and the corrections' ranks."""
+    types = Counter(r.operator.split()[1].rstrip(",") for r in reports)
+    ranks = Counter(int(r.operator.rsplit(" ", 1)[1]) for r in reports)
+    return " ".join(f"{k}x{v}" for k, v in types.most_common()) + "; ranks " + " ".join(f"{k}x{v}" for k, v in sorted(ranks.items()))
 
 
 def decode_speed(directory: Path, adapter: bool, threads: int, tokens: int, repeats: int) -> float:
@@ -130,17 +135,16 @@ def decode_speed(directory: Path, adapter: bool, threads: int, tokens: int, repe
     return statistics.median(rates)
 
 
-def report_decode_speed(type_name: str, ours: Path, args) -> bool:
+def report_decode_speed(rows, args) -> None:
+    """Each factorport artifact (model + adapter) against llama.cpp's imatrix file of the same type."""
     bw = measure_bandwidth(threads=args.threads)
-    with_adapter = decode_speed(ours, True, args.threads, args.decode_tokens, args.repeats)
-    without = decode_speed(ours, False, args.threads, args.decode_tokens, args.repeats)
-    model_bytes = (ours / MODEL_FILE).stat().st_size
-    adapter_bytes = (ours / ADAPTER_FILE).stat().st_size
-    print(f"decode ({type_name} artifact, {args.threads} threads, {args.decode_tokens} tokens, median of {args.repeats}); bandwidth {bw / 1e9:.1f} GB/s")
-    print(f"  base alone:      {without:.1f} tok/s  (bound {bw / model_bytes:.0f} tok/s = bandwidth / {model_bytes / 1e6:.1f} MB)")
-    print(f"  base + adapter:  {with_adapter:.1f} tok/s  (bound {bw / (model_bytes + adapter_bytes):.0f} tok/s = bandwidth / {(model_bytes + adapter_bytes) / 1e6:.1f} MB)")
-    print(f"  ratio {with_adapter / without:.3f} (target >= 0.8)", flush=True)
-    return True
+    print(f"\ndecode ({args.threads} threads, {args.decode_tokens} tokens, median of {args.repeats}, llama.cpp backend); bandwidth {bw / 1e9:.1f} GB/s")
+    print("| type | llama.cpp + imatrix tok/s (bound) | factorport tok/s (bound) | ratio |")
+    print("|---|---|---|---|")
+    for type_name, theirs, ours in rows:
+        their_speed, our_speed = decode_speed(theirs, False, args.threads, args.decode_tokens, args.repeats), decode_speed(ours, True, args.threads, args.decode_tokens, args.repeats)
+        their_bound, our_bound = bw / artifact_bytes(theirs), bw / artifact_bytes(ours)
+        print(f"| {type_name} | {their_speed:.1f} ({their_bound:.0f}) | {our_speed:.1f} ({our_bound:.0f}) | {our_speed / their_speed:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -150,14 +154,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--search", action="store_true", help="also try cheaper llama.cpp bases with a larger adapter")
-    p.add_argument("--size-limit", type=float, default=1.05, help="factorport's bytes at most this x llama.cpp's")
     p.add_argument("--work", default="/tmp/factorport-gguf-bench", help="scratch directory (deleted first)")
-    p.add_argument("--targets", default="linears", help="what the correction may touch (a quick smoke run: 'model.layers.0.*')")
-    p.add_argument(
-        "--multiple", type=int, default=32,
-        help="adapter ranks in steps of this: fewer, larger LoRA pairs (llama.cpp pays per pair at decode)",
-    )
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -173,8 +170,7 @@ def main() -> None:
     f32 = work / "f32" / MODEL_FILE
     print(f"reference F32 GGUF: {f32.stat().st_size / 1e6:.1f} MB; perplexity {llamacpp_perplexity(work / 'f32', args.windows, args.threads):.3f}", flush=True)
     check_against_llama_perplexity(work / "f32", args.windows, args.threads)
-    imatrices = {"llama-imatrix": llama_imatrix(f32, work / "llama-imatrix.gguf", args), "factorport": work / IMATRIX_FILE}
-    write_imatrix(imatrices["factorport"], reference, InputSums(stats.input_sums(list(stats.key_of)), stats.tokens, args.calib_seq_len, stats.source))
+    imatrix_file = llama_imatrix(f32, work / "llama-imatrix.gguf", args)
 
     def llama_quantize(type_name: str, imatrix: str | None) -> Path:
         directory = work / (f"llamacpp-{type_name}" + ("" if imatrix is None else f"-{imatrix}"))
@@ -183,10 +179,10 @@ def main() -> None:
             if imatrix is None:
                 quantize_file(f32, directory / MODEL_FILE, type_name)
             else:
-                run_tool("llama-quantize", ["--imatrix", str(imatrices[imatrix]), str(f32), str(directory / MODEL_FILE), type_name], timeout=1800)
+                run_tool("llama-quantize", ["--imatrix", str(imatrix_file), str(f32), str(directory / MODEL_FILE), type_name], timeout=1800)
         return directory
 
-    rows, speed_done = [], False
+    rows, speeds = [], []
     for type_name in args.types.split(","):
         anchors = {}
         for imatrix in (None, "llama-imatrix"):
@@ -196,41 +192,24 @@ def main() -> None:
             anchors[imatrix] = (artifact_bytes(directory), llamacpp_perplexity(directory, args.windows, args.threads))
             check_against_llama_perplexity(directory, args.windows, args.threads)
             print(f"  {anchors[imatrix][0] / 1e6:.2f} MB, perplexity {anchors[imatrix][1]:.3f}", flush=True)
-        their_bytes = anchors["llama-imatrix"][0]
-        best = None
-        for base in (type_name,) + (CHEAPER.get(type_name, ()) if args.search else ()):
-            base_dir = llama_quantize(base, "factorport")
-            budget = int(args.size_limit * their_bytes - artifact_bytes(base_dir) - ADAPTER_OVERHEAD)
-            if budget <= 0:
-                continue
-            ours = work / f"factorport-{type_name}-on-{base}"
-            info = factorport_artifact(reference, tokenizer, stats, base, budget, ours, args.targets, args.multiple)
-            ours_bytes = artifact_bytes(ours)
-            identical = same_tensors(ours / MODEL_FILE, base_dir / MODEL_FILE)
-            print(f"  model.gguf holds exactly llama-quantize --imatrix {IMATRIX_FILE}'s {base} tensors: {identical}", flush=True)
-            base_ppl = llamacpp_perplexity(ours, args.windows, args.threads, adapter=False)
-            ours_ppl = llamacpp_perplexity(ours, args.windows, args.threads)
-            print(f"  {type_name}: base {base}: {ours_bytes / 1e6:.2f} MB ({ours_bytes / their_bytes:.3f}x) perplexity {ours_ppl:.3f} (base alone {base_ppl:.3f})", flush=True)
-            if ours_bytes <= args.size_limit * their_bytes and (best is None or ours_ppl < best[0]):
-                best = (ours_ppl, ours_bytes, ours, info["recipe"], base_ppl)
-        rows.append((type_name, anchors, tensor_types(work / f"llamacpp-{type_name}-llama-imatrix" / MODEL_FILE), best))
-        if best is not None and not speed_done:
-            speed_done = report_decode_speed(type_name, best[2], args)
+        ours = work / f"factorport-{type_name}"
+        target = byte_target(llama_quantize(type_name, "llama-imatrix") / MODEL_FILE, f32)
+        reports = factorport_artifact(reference, tokenizer, stats, target, ours)
+        ours_ppl, ours_bytes = llamacpp_perplexity(ours, args.windows, args.threads), artifact_bytes(ours)
+        print(f"  factorport at {type_name}'s bytes: {ours_bytes / 1e6:.2f} MB, perplexity {ours_ppl:.3f}; {chosen(reports)}", flush=True)
+        rows.append((type_name, anchors, tensor_types(work / f"llamacpp-{type_name}-llama-imatrix" / MODEL_FILE), (ours_bytes, ours_ppl, chosen(reports))))
+        speeds.append((type_name, work / f"llamacpp-{type_name}-llama-imatrix", ours))
 
     print(f"\nSmolLM2-135M, perplexity in llama.cpp on {args.windows} x 512 tokens of wiki.test.raw; calibration {args.calib_samples}x{args.calib_seq_len} "
-          f"of wiki.valid.tokens for both importance matrices; factorport at most {args.size_limit:g}x the imatrix file's bytes")
-    print("| type | llama.cpp MB | ppl | + llama-imatrix ppl | tensor types held | factorport MB (x) | factorport ppl | its base alone | recipe | beats imatrix |")
+          f"of wiki.valid.tokens for both importance matrices; factorport: recipe llamacpp {{bytes: N}}, N to fit the imatrix file (model.gguf + adapter.gguf)")
+    print("| type | llama.cpp MB | ppl | + llama-imatrix MB | ppl | tensor types held | factorport MB (x) | ppl | its types; correction ranks | beats imatrix at <= bytes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for type_name, anchors, held, best in rows:
+    for type_name, anchors, held, (ours_bytes, ours_ppl, picks) in rows:
         (plain_bytes, plain_ppl), (their_bytes, their_ppl) = anchors[None], anchors["llama-imatrix"]
-        if best is None:
-            print(f"| {type_name} | {plain_bytes / 1e6:.2f} | {plain_ppl:.3f} | {their_ppl:.3f} | {held} | – | – | – | – | no |")
-            continue
-        ppl, ours_bytes, _, recipe, base_ppl = best
-        wins = ppl < their_ppl and ours_bytes <= args.size_limit * their_bytes
-        print(f"| {type_name} | {plain_bytes / 1e6:.2f} | {plain_ppl:.3f} | {their_ppl:.3f} | {held} | {ours_bytes / 1e6:.2f} ({ours_bytes / their_bytes:.3f}) | "
-              f"{ppl:.3f} | {base_ppl:.3f} | {recipe} | {'yes' if wins else 'no'} |")
-
+        wins = ours_ppl < their_ppl and ours_bytes <= their_bytes
+        print(f"| {type_name} | {plain_bytes / 1e6:.2f} | {plain_ppl:.3f} | {their_bytes / 1e6:.2f} | {their_ppl:.3f} | {held} | "
+              f"{ours_bytes / 1e6:.2f} ({ours_bytes / their_bytes:.3f}) | {ours_ppl:.3f} | {picks} | {'yes' if wins else 'no'} |")
+    report_decode_speed(speeds, args)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

@@ -290,6 +290,10 @@ def _override_steps(recipe: Recipe, options: dict[str, dict]) -> Recipe:
     present = {name for name, _ in recipe.steps}
     if options.get("correct") and "correct" not in present:  # a budget nothing would spend
         raise FactorportError(f"recipe {recipe.name} has no correct step to give an adapter budget to; pick a recipe with one")
+    if {"size_of", "bytes"} & set(options.get("llamacpp", {})):
+        if "llamacpp" not in present or "correct" in present:  # none to spend it, or a correct step adding bytes beyond it
+            raise FactorportError(f"recipe {recipe.name} cannot take a byte target (--size-of, --bytes): it needs a llamacpp step "
+                                  "and no correct step (its corrections are bought within the target); use --recipe llamacpp-equal-bytes")
     steps = [(name, _with_fields(cfg, options[name]) if options.get(name) else cfg) for name, cfg in recipe.steps]
     return dataclasses.replace(recipe, steps=steps)
 
@@ -400,19 +404,33 @@ def load_any(model_or_dir: str | None):
     return model, tokenizer
 
 
-def backend_perplexity(backend, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
-    """Perplexity through any backend, on windows cut by the backend's own tokenizer."""
-    from .validators.perplexity import perplexity as ppl, text_windows
+PROTOCOLS = ("windows", "llama-perplexity")
 
+
+def backend_perplexity(
+    backend, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True, protocol: str = "windows"
+) -> float:
+    """Perplexity through any backend, on windows cut by the backend's own
+    tokenizer: every token of each window scored ("windows"), or as
+    `llama-perplexity -c seq_len --chunks windows` scores them, the second
+    half of each chunk ("llama-perplexity", to compare with llama.cpp's figure)."""
+    from .validators.perplexity import llama_perplexity_protocol, perplexity as ppl, text_windows
+
+    if protocol not in PROTOCOLS:
+        raise FactorportError(f"unknown perplexity protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "llama-perplexity":
+        return llama_perplexity_protocol(backend, text or DEFAULT_TEXT, windows, seq_len)
     ids = text_windows(backend, text or DEFAULT_TEXT, windows, seq_len)
     return ppl(backend.logits, ids, progress=progress)
 
 
-def perplexity(model, tokenizer, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True) -> float:
+def perplexity(
+    model, tokenizer, text: str | Path | None = None, windows: int = 40, seq_len: int = 512, progress: bool = True, protocol: str = "windows"
+) -> float:
     """Perplexity in torch of an in-memory model."""
     from .validators.backends.torch_backend import TorchBackend
 
-    return backend_perplexity(TorchBackend(model, tokenizer), text, windows, seq_len, progress)
+    return backend_perplexity(TorchBackend(model, tokenizer), text, windows, seq_len, progress, protocol)
 
 
 def evaluate(
@@ -424,19 +442,21 @@ def evaluate(
     backend: str = "torch",
     verify: bool = True,
     timeout: float | None = None,
+    protocol: str = "windows",
     **options,
 ) -> float:
     """Perplexity of a model name/path (torch) or of a factorport output
     through `backend` ("torch", "onnxruntime", "llama.cpp"); `timeout`: seconds
-    one call of a native runtime may take before its process is killed."""
+    one call of a native runtime may take before its process is killed;
+    `protocol` as `backend_perplexity`'s."""
     if model_or_dir is not None:
         check_manifest(model_or_dir, verify)
     if backend == "torch" and (model_or_dir is None or find_artifact(model_or_dir) is None):
         model, tokenizer = load_any(model_or_dir)
-        return perplexity(model, tokenizer, text, windows, seq_len, progress)
+        return perplexity(model, tokenizer, text, windows, seq_len, progress, protocol)
     runtime = open_output(model_or_dir, backend, verify=False, timeout=timeout, **options)  # checked above
     try:
-        return backend_perplexity(runtime, text, windows, seq_len, progress)
+        return backend_perplexity(runtime, text, windows, seq_len, progress, protocol)
     finally:
         _close(runtime)
 
@@ -450,18 +470,20 @@ def evaluate_report(
     progress: bool = True,
     verify: bool = True,
     timeout: float | None = None,
+    protocol: str = "windows",
     **options,
 ) -> dict:
     """`factorport eval`: the perplexity of `model_or_dir` through `backend`
     and, for a factorport output with `reference`, the dense source model's
     beside it (`dense_perplexity`, `ratio`, `dense_name`)."""
     info = check_manifest(model_or_dir, verify) if model_or_dir is not None else None
-    result = {"model": model_or_dir or "embedded default", "windows": windows, "seq_len": 512, "backend": backend}
-    result["perplexity"] = evaluate(model_or_dir, text, windows, progress=progress, backend=backend, verify=False, timeout=timeout, **options)
+    result = {"model": model_or_dir or "embedded default", "windows": windows, "seq_len": 512, "backend": backend, "protocol": protocol}
+    result["perplexity"] = evaluate(model_or_dir, text, windows, progress=progress, backend=backend, verify=False, timeout=timeout,
+                                    protocol=protocol, **options)
     if info and reference and find_artifact(model_or_dir) is not None:
         source = info["source"]
         result["dense_name"] = source["name"]
-        result["dense_perplexity"] = evaluate(source_argument(source), text, windows, progress=progress)
+        result["dense_perplexity"] = evaluate(source_argument(source), text, windows, progress=progress, protocol=protocol)
         result["ratio"] = result["perplexity"] / result["dense_perplexity"]
     return result
 

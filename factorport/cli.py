@@ -38,8 +38,17 @@ def _step_options(args) -> dict[str, dict]:
         if args.adapter_budget <= 0:
             raise FactorportError(f"--adapter-budget must be a positive number of MB, got {args.adapter_budget}")
         options["correct"] = {"ranks": {"budget": {"added_bytes": args.adapter_budget * 1e6}}}
+    llamacpp = {}
     if args.gguf_type:  # used by a recipe's llamacpp step, if it has one
-        options["llamacpp"] = {"type": args.gguf_type}
+        llamacpp["type"] = args.gguf_type
+    if args.size_of:
+        llamacpp.update(size_of=args.size_of, bytes=None)  # each replaces the recipe's target
+    if args.bytes is not None:
+        if args.bytes <= 0:
+            raise FactorportError(f"--bytes must be a positive number of bytes, got {args.bytes}")
+        llamacpp.update(bytes=args.bytes, size_of=None)
+    if llamacpp:
+        options["llamacpp"] = llamacpp
     return options
 
 
@@ -104,7 +113,7 @@ def _eval(args) -> None:
 
     result = evaluate_report(
         args.model, args.text, args.windows, backend=args.backend, reference=not args.no_reference,
-        progress=not args.quiet, **_backend_options(args),
+        progress=not args.quiet, protocol=args.protocol, **_backend_options(args),
     )
     print(f"perplexity ({result['model']}, {args.backend}): {result['perplexity']:.4f}")
     if "dense_perplexity" in result:
@@ -261,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--adapter-budget", type=float, metavar="MB", help="bytes (MB) the recipe's correct step may add (the GGUF adapter)")
+    bytes_target = p.add_mutually_exclusive_group()
+    bytes_target.add_argument("--size-of", metavar="TYPE", help="llamacpp step: per-tensor llama.cpp types and corrections within "
+                              "the bytes of llama.cpp's quantization to TYPE (recipe llamacpp-equal-bytes)")
+    bytes_target.add_argument("--bytes", type=float, metavar="N", help="llamacpp step: the same within N bytes of tensors")
     _add_format_flags(p, default="safetensors")
     p.set_defaults(run=_convert)
 
@@ -277,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flags(p)
     p.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
     p.add_argument("--windows", type=int, default=40, help="windows of 512 tokens (default 40)")
+    p.add_argument(
+        "--protocol", choices=("windows", "llama-perplexity"), default="windows",
+        help="windows (default): every token of each window scored; llama-perplexity: as llama-perplexity -c 512 --chunks WINDOWS "
+        "scores, the second half of each chunk (its figure to compare with)",
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument("--quiet", action="store_true")

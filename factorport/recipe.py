@@ -57,6 +57,7 @@ class Recipe:
             return True
         return any(
             kind in ("share", "correct", "budget") or getattr(cfg, "method", "") in ("whitened", "asvd", "gptq", "wanda") or getattr(cfg, "imatrix", False)
+            or getattr(cfg, "equal_bytes", False)
             for kind, cfg in self.steps
         )
 

@@ -15,7 +15,7 @@ from factorport.formats.gguf import NATIVE_FILE, export, load_native
 from factorport.recipe import parse_recipe
 from factorport.validators.backends.llamacpp_backend import LlamaCppBackend
 from factorport.validators.backends.torch_backend import TorchBackend
-from factorport.validators.perplexity import llama_perplexity_protocol, perplexity, text_windows
+from factorport.validators.perplexity import perplexity, text_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_llama_perplexity_and_factorports_scoring_agree_on_the_same_tokens(artif
     theirs = llama_perplexity(out / MODEL_FILE, text, n_ctx=512, chunks=3, lora=out / ADAPTER_FILE)
     backend = LlamaCppBackend.open(out, threads=2)
     try:
-        ours = llama_perplexity_protocol(backend, text, chunks=3, n_ctx=512)
+        ours = factorport.api.backend_perplexity(backend, text, windows=3, seq_len=512, protocol="llama-perplexity")  # eval --protocol
     finally:
         backend.close()
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
@@ -109,3 +109,55 @@ def test_factorport_gguf_round_trip_is_bit_exact(artifact):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert loaded_tokenizer("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+
+
+def test_stock_llama_server_with_the_adapter_continues_as_the_backend_does(artifact, runs):
+    """`llama-server -m model.gguf --lora adapter.gguf`, asked over its
+    OpenAI-style /v1/completions for a greedy continuation, writes the text
+    factorport's llama.cpp backend generates."""
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from factorport.formats.gguf import ADAPTER_FILE, MODEL_FILE
+    from factorport.llamacpp.tools import tool
+
+    _, _, out, _ = artifact
+    _, _, (ours, _) = runs
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(tool("llama-server")), "-m", str(out / MODEL_FILE), "--lora", str(out / ADAPTER_FILE), "--host", "127.0.0.1", "--port", str(port),
+         # the backend's arithmetic: no flash attention (the server's default, which flipped a near-tie here), batches of 512
+         "-c", "512", "-t", "2", "--no-webui", "-fa", "off", "-b", "512", "-ub", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode(errors="replace")[-2000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not come up in 120 s"
+            time.sleep(0.5)
+        request = {"prompt": "The capital of France is", "max_tokens": len(ours), "temperature": 0, "top_k": 1, "seed": 0}
+        post = urllib.request.Request(f"{base}/v1/completions", json.dumps(request).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=60) as response:
+            text = json.loads(response.read())["choices"][0]["text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    backend = LlamaCppBackend.open(out, threads=2)
+    try:
+        expected = backend.detokenize(ours)
+    finally:
+        backend.close()
+    assert text == expected and text.strip(), (text, expected)

@@ -23,11 +23,16 @@ RECIPE = f"name: statistics\ncalibration: {{samples: {CHUNKS}, seq_len: {CONTEXT
 
 
 @pytest.fixture(scope="module")
-def scores(tmp_path_factory) -> dict[str, float]:
+def calibrated(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imatrix-e2e")
     recipe = root / "statistics.yaml"
     recipe.write_text(RECIPE)
-    out = factorport.convert(None, recipe=str(recipe), output=root / "out", formats=["gguf"], progress=False)
+    return factorport.convert(None, recipe=str(recipe), output=root / "out", formats=["gguf"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def scores(calibrated) -> dict[str, float]:
+    out, root = calibrated, calibrated.parent
     dense, ours = out / "gguf" / MODEL_FILE, out / "gguf" / IMATRIX_FILE
     theirs = root / "llama-imatrix.gguf"
     run_tool("llama-imatrix", ["-m", str(dense), "-f", str(DATA / "wiki.valid.tokens"), "-c", str(CONTEXT), "--chunks", str(CHUNKS),
@@ -49,3 +54,20 @@ def test_factorports_imatrix_lowers_q4_0_perplexity(scores):
 def test_it_is_as_good_as_llama_imatrix_on_the_same_text(scores):
     # measured: 0.1% apart (26.11 vs 26.09 on the setting above)
     assert abs(scores["Q4_0 + factorport imatrix"] / scores["Q4_0 + llama-imatrix"] - 1) < 0.01
+
+
+def test_bench_anchor_is_llama_imatrix_on_the_outputs_calibration_text(calibrated, scores):
+    """`bench`'s llama.cpp anchor with an importance matrix: llama-imatrix on
+    the text, sequences and length the output was calibrated with."""
+    import gguf
+
+    from factorport.validators.anchors import llamacpp_imatrix_quantized
+    from factorport.validators.bench import calibration_text
+
+    text, chunks, chunk_size = calibration_text(calibrated)
+    assert (text.resolve(), chunks, chunk_size) == ((DATA / "wiki.valid.tokens").resolve(), CHUNKS, CONTEXT)
+    anchor = llamacpp_imatrix_quantized(None, "Q4_0", text, chunks, chunk_size, progress=False)
+    fields = gguf.GGUFReader(anchor / MODEL_FILE).fields
+    assert int(fields["quantize.imatrix.chunks_count"].parts[-1][0]) == CHUNKS
+    assert sorted(p.name for p in anchor.iterdir()) == [MODEL_FILE]  # its scratch files are gone
+    assert llama_perplexity(anchor / MODEL_FILE, DATA / "wiki.test.raw", CONTEXT, PPL_CHUNKS) < 0.95 * scores["Q4_0"]

@@ -163,6 +163,10 @@ def test_cli_eval_generate_and_bad_input(make_model, tmp_path):
     assert result.returncode == 0, result.stderr
     ppl = float(result.stdout.split(":")[-1])
     assert 1 < ppl < 1000
+    result = cli("eval", str(tmp_path / "out"), "--backend", "llama.cpp", "--threads", "1", "--text", str(text), "--windows", "1", "--no-reference",
+                 "--quiet", "--protocol", "llama-perplexity")
+    assert result.returncode == 0, result.stderr
+    assert 1 < float(result.stdout.split(":")[-1]) < 1000 and float(result.stdout.split(":")[-1]) != ppl  # the second half only
     result = cli("generate", str(tmp_path / "out"), "--backend", "llama.cpp", "--prompt", "the fox", "--new-tokens", "4")
     assert result.returncode == 0, result.stderr
     one_line_error(cli("export", str(tmp_path / "out"), "--format", "gguf", "--gguf-type", "Q9_Z", "--force"), "unknown --gguf-type")

@@ -11,6 +11,7 @@ import torch
 
 from conftest import assert_reload_bit_exact
 from factorport.converters import apply
+from factorport.converters.llamacpp import LORA_PAIR_OVERHEAD
 from factorport.errors import FactorportError
 from factorport.formats.gguf import MODEL_FILE, export
 from factorport.llamacpp.names import rotary_row_order
@@ -125,3 +126,80 @@ def test_with_calibration_the_base_is_llama_quantize_with_that_imatrix(make_mode
 
 def q_report(reports, name):
     return next(r for r in reports if r.name == name)
+
+
+def test_equal_bytes_spends_llamacpps_bytes_over_types(make_model, stats_for):
+    """`size_of: Q4_K_M`: per-tensor llama.cpp types within the bytes
+    llama.cpp's own Q4_K_M mix gives the same tensors, with less calibration
+    output error than that mix; the report names each tensor's type and rank."""
+    stats = stats_for(make_model("llama"))
+    mix = make_model("llama")
+    mix_reports = apply(mix, parse_recipe("name: t\nsteps:\n  - llamacpp: {type: Q4_K_M}\n").steps, stats, progress=False)
+    model = make_model("llama")
+    reports = apply(model, parse_recipe("name: t\nsteps:\n  - llamacpp: {size_of: Q4_K_M}\n").steps, stats, progress=False)
+    assert sum(_spent(model)) <= sum(_spent(mix))
+    assert len({m.base.type_name for m in _ggml(model)}) > 1
+    assert sum(r.calib_error for r in reports) < 0.95 * sum(r.calib_error for r in mix_reports)
+    assert all(f"llama.cpp {m.base.type_name}, imatrix, correction rank {m.rank}" in q_report(reports, n).operator
+               for n, m in model.named_modules() if n != "lm_head" and m in _ggml(model))
+
+
+def test_equal_bytes_buys_corrections_that_llamacpp_applies(make_model, stats_for, tmp_path):
+    """Bytes beyond one type's bases go to corrections, which llama.cpp runs as the adapter."""
+    model = make_model("llama")
+    q4_0 = make_model("llama")
+    stats = stats_for(model)
+    apply(q4_0, parse_recipe("name: t\nsteps:\n  - llamacpp: {type: Q4_0}\n").steps, stats, progress=False)
+    target = sum(_spent(q4_0)) + 3000
+    recipe = parse_recipe(f"name: t\nsteps:\n  - llamacpp: {{bytes: {target}, types: [Q4_0], correction_ranks: [0, 4]}}\n")
+    apply(model, recipe.steps, stats, progress=False)
+    assert 0 < sum(_spent(model)) - sum(_spent(q4_0)) <= 3000 and {m.rank for m in _ggml(model)} == {0, 4}
+    export(model, None, tmp_path, progress=False)
+    ids = torch.arange(3, 43)
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    backend = LlamaCppBackend.open(tmp_path)
+    try:
+        error = (backend.logits(ids) - reference).abs().max().item()
+    finally:
+        backend.close()
+    assert error < 0.02 * reference.abs().max().item()
+
+
+def _ggml(model):
+    return [m for m in model.modules() if isinstance(getattr(m, "base", None), GGMLBase)]
+
+
+def _spent(model):
+    """The bytes of each llama.cpp base and its correction (fp16 U and V, and the adapter's entries)."""
+    return [m.base.blocks.numel() + (m.rank * (m.in_features + m.out_features) * 2 + LORA_PAIR_OVERHEAD if m.rank else 0) for m in _ggml(model)]
+
+
+def test_equal_bytes_refuses_what_does_not_fit(make_model, stats_for):
+    from factorport.converters import check
+
+    model = make_model("llama")
+    with pytest.raises(FactorportError, match="size_of 'Q9' is not a llama.cpp"):
+        check(model, parse_recipe("name: t\nsteps:\n  - llamacpp: {size_of: Q9}\n").steps)
+    with pytest.raises(FactorportError, match="not a ggml type on offer"):
+        check(model, parse_recipe("name: t\nsteps:\n  - llamacpp: {size_of: Q4_0, types: [Q4_0, Q7]}\n").steps)
+    with pytest.raises(FactorportError, match="below the cheapest option"):
+        apply(model, parse_recipe("name: t\nsteps:\n  - llamacpp: {bytes: 1000, types: [Q4_0]}\n").steps, stats_for(model), progress=False)
+
+
+def test_convert_flags_set_the_byte_target():
+    from factorport.api import _override_steps
+    from factorport.cli import _step_options, build_parser
+
+    def steps(*flags, recipe="llamacpp-equal-bytes"):
+        args = build_parser().parse_args(["convert", "--recipe", recipe, "-o", "x", *flags])
+        return _override_steps(load_recipe(recipe), _step_options(args)).steps
+
+    [(_, step)] = steps("--size-of", "Q3_K_M")
+    assert (step.size_of, step.bytes) == ("Q3_K_M", None)
+    [(_, step)] = steps("--bytes", "9.5e7")
+    assert (step.size_of, step.bytes) == (None, 9.5e7)  # replaces the preset's size_of
+    with pytest.raises(FactorportError, match="cannot take a byte target"):
+        steps("--size-of", "Q4_0", recipe="glowq-llamacpp")  # its correct step would add bytes beyond the target
+    with pytest.raises(SystemExit):
+        steps("--size-of", "Q4_0", "--bytes", "1e6")

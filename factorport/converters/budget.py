@@ -53,7 +53,7 @@ class BudgetConfig:
 
 @dataclass
 class Option:
-    bits: int
+    base: int | str  # the base's bit width (budget) or llama.cpp type (llamacpp)
     rank: int
     bytes: float
     error: float
@@ -77,7 +77,7 @@ def _quantize(weight, spec: QuantSpec, config: BudgetConfig, hinv: InverseHessia
     return QuantizedBase.from_weight(weight, spec)
 
 
-def _hull(options: list[Option]) -> list[Option]:
+def lower_hull(options: list[Option]) -> list[Option]:
     """Lower convex hull of (bytes, error), cheapest first."""
     hull: list[Option] = []
     for opt in sorted(options, key=lambda o: (o.bytes, o.error)):
@@ -94,7 +94,8 @@ def _hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def _choose(hulls: dict, total: float) -> dict:
+def choose_options(hulls: dict, total: float) -> dict:
+    """One option per unit from each unit's lower hull, within `total` bytes."""
     choice = {unit: 0 for unit in hulls}
     spent = sum(h[0].bytes for h in hulls.values())
     if spent > total:
@@ -155,8 +156,8 @@ def _menu(model, unit: tuple[str, ...], config: BudgetConfig, stats: Calibration
 
 def solve_budget(model, config: BudgetConfig, hulls: list[tuple[str, list[Option]]]) -> dict[str, dict]:
     """Each unit's (bits, rank) under the budget, from every unit's hull (the whole model's)."""
-    chosen = _choose(dict(hulls), _total(model, config))
-    return {name: {"bits": opt.bits, "rank": opt.rank} for name, opt in chosen.items()}
+    chosen = choose_options(dict(hulls), _total(model, config))
+    return {name: {"bits": opt.base, "rank": opt.rank} for name, opt in chosen.items()}
 
 
 def budget_(
@@ -173,7 +174,7 @@ def budget_(
         hulls = []
         for unit in tqdm(units, desc=f"budget (int{'/'.join(map(str, config.bits))} x ranks)", unit="unit", disable=not progress):
             menus[unit], options = _menu(model, unit, config, stats, config.bits)
-            hulls.append((unit_name(unit), _hull(options)))
+            hulls.append((unit_name(unit), lower_hull(options)))
         if allocation is not None:
             allocation.options += hulls
             return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -25,6 +26,13 @@ FTYPES = (
 )
 # Types whose quantizer needs an importance matrix in llama.cpp.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
+# {ggml type: a file type whose default type it is}: quantized with `pure`,
+# that file type puts every tensor in the ggml type (or its fallback, when a
+# row does not fit the type's blocks: Q4_K -> Q5_0, Q6_K -> Q8_0, ...).
+PURE_FTYPES = {
+    "Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "IQ3_S": "IQ3_S", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
+    "Q4_K": "Q4_K_S", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+}
 
 
 def ftype_value(name: str) -> int:
@@ -37,7 +45,8 @@ def ftype_value(name: str) -> int:
 
 
 def quantize_model(
-    tensors: dict[str, np.ndarray], metadata: dict, ftype: str, threads: int = 0, importance: dict[str, np.ndarray] | None = None
+    tensors: dict[str, np.ndarray], metadata: dict, ftype: str, threads: int = 0, importance: dict[str, np.ndarray] | None = None,
+    pure: bool = False,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """llama.cpp's quantization of a whole model: {gguf name: (ggml type, raw
     blocks (rows, row_bytes))} for every 2-D tensor of `tensors` (float32,
@@ -45,25 +54,38 @@ def quantize_model(
     hyper-parameters: llama.cpp chooses per-tensor types by name, layer and
     shape). Rows are quantized independently, so their order does not matter.
     `importance`: {gguf name: mean x² per input column}, llama.cpp's
-    importance matrix (what `llama-quantize --imatrix` reads from a file)."""
+    importance matrix (what `llama-quantize --imatrix` reads from a file).
+    `pure`: every tensor in the file type's default type (`llama-quantize --pure`)."""
+    return next(quantize_each(tensors, metadata, [(ftype, pure)], threads, importance))
+
+
+def quantize_each(
+    tensors: dict[str, np.ndarray], metadata: dict, runs: list[tuple[str, bool]], threads: int = 0,
+    importance: dict[str, np.ndarray] | None = None,
+) -> Iterator[dict[str, tuple[str, np.ndarray]]]:
+    """`quantize_model` for each (file type, pure) of `runs`, one after the
+    other, from one F32 source file."""
     import gguf
 
-    if ftype in NEEDS_IMATRIX and not importance:
-        raise FactorportError(f"{ftype} needs an importance matrix in llama.cpp; calibrate (a recipe calibration section) or pick another type")
-    ftype_value(ftype)  # before writing anything
+    for ftype, _ in runs:
+        if ftype in NEEDS_IMATRIX and not importance:
+            raise FactorportError(f"{ftype} needs an importance matrix in llama.cpp; calibrate (a recipe calibration section) or pick another type")
+        ftype_value(ftype)  # before writing anything
     with tempfile.TemporaryDirectory(prefix="factorport-llamacpp-") as scratch:
         source, target = Path(scratch) / "f32.gguf", Path(scratch) / "quantized.gguf"
         write_f32(source, tensors, metadata)
-        quantize_file(source, target, ftype, threads, importance=importance)
-        reader = gguf.GGUFReader(target)
-        result = {}
-        for t in reader.tensors:
-            if t.name in tensors and len(t.shape) == 2:
-                data = np.array(t.data)  # copy out of the memory map before the file goes
-                rows = int(t.shape[1])
-                result[t.name] = (t.tensor_type.name, data.view(np.uint8).reshape(rows, -1))
-        del reader
-    return result
+        for ftype, pure in runs:
+            quantize_file(source, target, ftype, threads, importance=importance, pure=pure)
+            reader = gguf.GGUFReader(target)
+            result = {}
+            for t in reader.tensors:
+                if t.name in tensors and len(t.shape) == 2:
+                    data = np.array(t.data)  # copy out of the memory map before the file goes
+                    rows = int(t.shape[1])
+                    result[t.name] = (t.tensor_type.name, data.view(np.uint8).reshape(rows, -1))
+            del reader
+            target.unlink()
+            yield result
 
 
 def write_f32(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
@@ -82,9 +104,10 @@ def write_f32(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> Non
 
 
 def quantize_file(
-    source: Path, target: Path, ftype: str, threads: int = 0, allow_requantize: bool = False, importance: dict[str, np.ndarray] | None = None
+    source: Path, target: Path, ftype: str, threads: int = 0, allow_requantize: bool = False, importance: dict[str, np.ndarray] | None = None,
+    pure: bool = False,
 ) -> None:
-    """`llama-quantize [--imatrix] SOURCE TARGET FTYPE`, in this process
+    """`llama-quantize [--imatrix] [--pure] SOURCE TARGET FTYPE`, in this process
     (llama.cpp's quantizer does not crash on the files factorport checks and
     writes). `importance` as `quantize_model`'s."""
     llama_cpp = import_llama_cpp()  # refuses, in one line, a CPU the build does not fit
@@ -92,6 +115,7 @@ def quantize_file(
     params.ftype = ftype_value(ftype)
     params.nthread = threads
     params.allow_requantize = allow_requantize
+    params.pure = pure
     if importance:
         entries, buffers = _imatrix_entries(llama_cpp, importance)  # both kept alive until llama.cpp has copied them
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))

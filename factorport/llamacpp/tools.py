@@ -72,9 +72,12 @@ def version() -> str:
 
 def llama_perplexity(model: Path, text: Path, n_ctx: int = 512, chunks: int = 8, threads: int = 2, lora: Path | None = None, timeout: float = 1800.0) -> float:
     """The "Final estimate: PPL" of `llama-perplexity -m MODEL [--lora LORA] -f
-    TEXT -c N_CTX --chunks CHUNKS`: the second half of each chunk scored
+    TEXT -c N_CTX --chunks CHUNKS -fa off`: the second half of each chunk scored
     (validators.perplexity.llama_perplexity_protocol scores the same tokens)."""
-    arguments = ["-m", str(model), *(["--lora", str(lora)] if lora else []), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
+    arguments = ["-m", str(model), *(["--lora", str(lora)] if lora else []), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads),
+                 # attention as factorport's backend (llama-cpp-python) computes it: flash attention, the tool's
+                 # default, rounds differently (0.6% on a Q3_K_M file), which is not what the comparison checks
+                 "-fa", "off"]
     done = run_tool("llama-perplexity", arguments, timeout=timeout)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
     if not found:

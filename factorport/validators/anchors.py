@@ -1,10 +1,13 @@
 """The baselines a user would otherwise pick, made from the same original
 model and cached: Optimum's fp32 ONNX export, and llama.cpp's own
-quantization (`llama_model_quantize`) at a named type. Each is a directory a
-backend opens (`onnx` -> onnxruntime, `model.gguf` -> llama.cpp)."""
+quantization (`llama_model_quantize`) at a named type, without and with the
+importance matrix `llama-imatrix` computes on a calibration text (the
+strongest llama.cpp baseline). Each is a directory a backend opens (`onnx` ->
+onnxruntime, `model.gguf` -> llama.cpp)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -65,6 +68,30 @@ def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = 
         shutil.rmtree(tmp / "source", ignore_errors=True)
 
     return _build(_anchor_dir(source, f"llama.cpp-{ggml_type}"), make, progress)
+
+
+def llamacpp_imatrix_quantized(model_name: str | None, ggml_type: str, text: Path, chunks: int, chunk_size: int, progress: bool = True) -> Path:
+    """`llama-imatrix` of the original model on `chunks` chunks of
+    `chunk_size` tokens of `text`, then `llama-quantize --imatrix` at
+    `ggml_type`: what a llama.cpp user would do with the calibration text."""
+    from ..llamacpp.quantize import ftype_value
+    from ..llamacpp.tools import run_tool
+
+    source = resolve(model_name)
+    ftype_value(ggml_type)
+    threads = str(os.cpu_count() or 1)
+    digest = hashlib.sha256(f"{text.resolve()}:{text.stat().st_size}:{chunks}x{chunk_size}".encode()).hexdigest()[:12]
+
+    def make(tmp: Path) -> None:
+        original, imatrix = _source_gguf(source, tmp), tmp / "source" / "imatrix.gguf"
+        imatrix.parent.mkdir(exist_ok=True)
+        run_tool("llama-imatrix", ["-m", str(original), "-f", str(text), "-c", str(chunk_size), "--chunks", str(chunks),
+                                   "-o", str(imatrix), "--no-ppl", "-t", threads], timeout=7200)
+        run_tool("llama-quantize", ["--allow-requantize", "--imatrix", str(imatrix), str(original), str(tmp / "model.gguf"), ggml_type, threads],
+                 timeout=3600)
+        shutil.rmtree(tmp / "source", ignore_errors=True)
+
+    return _build(_anchor_dir(source, f"llama.cpp-{ggml_type}-imatrix-{digest}"), make, progress)
 
 
 def _source_gguf(source: Source, scratch: Path) -> Path:

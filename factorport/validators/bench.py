@@ -214,7 +214,8 @@ def bench(targets: list[Target], config: BenchConfig) -> dict:
 def targets_for(output: Path, backends: list[str] | None, anchors: bool, model_name: str | None, progress: bool = True) -> list[Target]:
     """Every artifact of a factorport output on its backend, then the anchors:
     Optimum's fp32 ONNX export of the original model, and llama.cpp's own
-    quantization of it at the type nearest in size to the GGUF artifact."""
+    quantization of it at the type nearest in size to the GGUF artifact,
+    without and (when the output kept its calibration text) with llama-imatrix."""
     from .backends import BACKENDS, available_backends, resolve
 
     # torch is the reference, not a deployment runtime: timed only when asked for.
@@ -237,7 +238,25 @@ def targets_for(output: Path, backends: list[str] | None, anchors: bool, model_n
         candidates = {t: anchor_builds.llamacpp_quantized(model_name, t, progress) for t in anchor_builds.LLAMACPP_TYPES}
         nearest = min(candidates, key=lambda t: abs(weight_file_bytes(candidates[t]) - size))
         targets.append(Target(f"llama.cpp {nearest}", "llama.cpp", candidates[nearest], anchor=True, note=f"llama_model_quantize {nearest}, nearest in size"))
+        calibration = calibration_text(output)
+        if calibration is not None:
+            text, chunks, chunk_size = calibration
+            imatrix = anchor_builds.llamacpp_imatrix_quantized(model_name, nearest, text, chunks, chunk_size, progress)
+            note = f"llama-imatrix on {chunks}x{chunk_size} tokens of {text.name} (the calibration text), llama-quantize --imatrix {nearest}"
+            targets.append(Target(f"llama.cpp {nearest} + imatrix", "llama.cpp", imatrix, anchor=True, note=note))
     return targets
+
+
+def calibration_text(output: Path) -> tuple[Path, int, int] | None:
+    """(text file, sequences, tokens each) the output was calibrated on, when
+    it kept its calibration statistics and the text is a local file."""
+    from ..formats import input_sums
+
+    if not (output / input_sums.FILE).is_file():
+        return None
+    sums = input_sums.read(output / input_sums.FILE)
+    text = Path(sums.source.rsplit(" (", 1)[0])  # "PATH (NxL tokens)", as calibration describes it
+    return (text, sums.tokens // sums.seq_len, sums.seq_len) if text.is_file() else None
 
 
 def _worker(argv: list[str]) -> None:
