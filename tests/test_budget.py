@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factorport.converters import BudgetConfig, apply
-from factorport.converters.budget import Option, _choose, _hull
+from factorport.converters.budget import Option, choose_options, lower_hull
 from factorport.converters.report import module_bytes
 from factorport.errors import FactorportError
 from factorport.formats import safetensors_dir
@@ -20,8 +20,8 @@ def _bytes(model) -> int:
 
 def test_hull_drops_dominated_and_concave_points():
     points = [Option(4, 0, 10, 1.0), Option(4, 8, 12, 0.9), Option(8, 0, 20, 0.2), Option(4, 16, 14, 0.95), Option(8, 8, 30, 0.19)]
-    hull = _hull(points)
-    assert [(o.bits, o.rank) for o in hull] == [(4, 0), (8, 0), (8, 8)]  # (4,8) lies above the 10->20 segment
+    hull = lower_hull(points)
+    assert [(o.base, o.rank) for o in hull] == [(4, 0), (8, 0), (8, 8)]  # (4,8) lies above the 10->20 segment
 
 
 def test_choose_buys_best_error_per_byte_within_budget():
@@ -29,10 +29,10 @@ def test_choose_buys_best_error_per_byte_within_budget():
         "a": [Option(4, 0, 10, 1.0), Option(8, 0, 20, 0.1)],  # 0.09 per byte
         "b": [Option(4, 0, 10, 1.0), Option(8, 0, 20, 0.8)],  # 0.02 per byte
     }
-    chosen = _choose(hulls, total=30)
-    assert chosen["a"].bits == 8 and chosen["b"].bits == 4
+    chosen = choose_options(hulls, total=30)
+    assert chosen["a"].base == 8 and chosen["b"].base == 4
     with pytest.raises(ValueError, match="below the cheapest"):
-        _choose(hulls, total=15)
+        choose_options(hulls, total=15)
 
 
 @pytest.mark.parametrize("bpw", [4.5, 6.0])
