@@ -56,7 +56,8 @@ def quantize_model(
     `importance`: {gguf name: mean x² per input column}, llama.cpp's
     importance matrix (what `llama-quantize --imatrix` reads from a file).
     `pure`: every tensor in the file type's default type (`llama-quantize --pure`)."""
-    return next(quantize_each(tensors, metadata, [(ftype, pure)], threads, importance))
+    [result] = quantize_each(tensors, metadata, [(ftype, pure)], threads, importance)  # runs the generator out: its scratch directory goes now
+    return result
 
 
 def quantize_each(
