@@ -241,7 +241,7 @@ def _add_timeout_flag(p: argparse.ArgumentParser, help: str = CALL_TIMEOUT_HELP)
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="torch", help="torch (default), onnxruntime or llama.cpp")
+    p.add_argument("--backend", default="torch", help="torch (default), onnxruntime, onnxruntime-genai or llama.cpp")
     _add_verify_flag(p)
     _add_timeout_flag(p)
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check every exported artifact against the torch reference")
     p.add_argument("path", help="factorport output directory")
-    p.add_argument("--backend", help="comma-separated: onnxruntime, onnxruntime-int8, llama.cpp (default: every exported artifact)")
+    p.add_argument("--backend", help="comma-separated: onnxruntime, onnxruntime-int8, onnxruntime-genai, llama.cpp (default: every exported artifact)")
     p.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
     p.add_argument("--windows", type=int, default=8, help="windows of 512 tokens (default 8)")
     p.add_argument("--against", help="the original model for the quality table (default: the manifest's source)")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="load, prefill, decode speed and memory of every artifact, next to anchors")
     p.add_argument("path", help="factorport output directory")
-    p.add_argument("--backend", help="comma-separated: torch, onnxruntime, onnxruntime-int8, llama.cpp (default: every exported artifact)")
+    p.add_argument("--backend", help="comma-separated: torch, onnxruntime, onnxruntime-int8, onnxruntime-genai, llama.cpp (default: every exported artifact)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)

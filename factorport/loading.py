@@ -72,7 +72,7 @@ def source_argument(source: dict) -> str | None:
     return source.get("path")
 
 
-CACHE_REVISION = 3
+CACHE_REVISION = 4
 
 
 def cache_dir() -> Path:
@@ -172,7 +172,14 @@ def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
     """transformers 4.57 builds the tokenizer of a GGUF with the wrong special
     tokens (eos = bos for SmolLM2), adds a BOS the file says not to add, and
     would save the whole GGUF again as `tokenizer.model`: take the special
-    tokens from the file's own metadata and keep only the fast tokenizer."""
+    tokens from the file's own metadata and keep only the fast tokenizer.
+    It also gives a byte-level BPE (GGUF "gpt2": SmolLM2, Qwen) sentencepiece's
+    decoder chain (ByteFallback, Replace "▁"), which transformers ignores but
+    onnxruntime-genai reads as "sentencepiece": its encode then turns every
+    space into three unknown ids. Such a tokenizer gets the byte-level decoder
+    its own pre-tokenizer implies, and decodes without "clean-up" (which turns
+    " ," into ","): byte-level ids decode back to exactly the text they came
+    from, as in SmolLM2's and Qwen's own tokenizer configs."""
     from .formats.gguf.checks import open_gguf
 
     fields = open_gguf(path).fields
@@ -190,6 +197,11 @@ def _fix_gguf_tokenizer(tokenizer, path: Path) -> None:
         tokenizer.add_bos_token = bool(add_bos)
     if hasattr(tokenizer, "vocab_file"):
         tokenizer.vocab_file = None  # no slow-tokenizer copy of the GGUF on save
+    if value("tokenizer.ggml.model") == "gpt2":
+        from tokenizers import decoders
+
+        tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.clean_up_tokenization_spaces = False
     if value("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in fields:
         _sentencepiece_bpe(tokenizer, value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type"))
 

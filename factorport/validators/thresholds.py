@@ -48,6 +48,8 @@ def _checks(max_rel: float | None, top1: float, kl: float | None, ppl: float) ->
 DEFAULTS: dict[str, dict[str, Check]] = {
     "onnxruntime-fp32": _checks(max_rel=1e-3, top1=1.0, kl=1e-4, ppl=0.005),
     "onnxruntime-int8": _checks(max_rel=None, top1=0.93, kl=1e-2, ppl=0.01),
+    # onnxruntime-genai runs the same graph (MatMulNBits accuracy_level 0) through its own loop
+    "onnxruntime-genai": _checks(max_rel=1e-3, top1=1.0, kl=1e-4, ppl=0.005),
     "llama.cpp": _checks(max_rel=None, top1=0.94, kl=1e-2, ppl=0.01),
 }
 

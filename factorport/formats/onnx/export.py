@@ -13,7 +13,7 @@ import torch
 from ...architectures import arch_for
 from ...errors import FactorportError
 from . import attention as fused_attention
-from . import graph
+from . import genai, graph
 from .operators import export_modules, swapped
 
 TASK = "text-generation-with-past"
@@ -33,8 +33,8 @@ def _trace(model, out_dir: Path) -> None:
 def export(
     model, tokenizer, out_dir: Path, *, progress: bool = True, densify_sparse: bool = False, attention: str = "fused"
 ) -> dict:
-    """Write `out_dir/model.onnx` (+ `model.onnx_data` beyond 2 GB), config and
-    tokenizer files; returns the report (operator counts, parity, seconds).
+    """Write `out_dir/model.onnx` (+ `model.onnx_data` beyond 2 GB), config,
+    tokenizer files and onnxruntime-genai's genai_config.json; returns the report (operator counts, parity, seconds).
 
     attention: "fused" = RotaryEmbedding + GroupQueryAttention per layer where the
     model allows it (see `attention`), "traced" = Optimum's trace as is."""
@@ -68,7 +68,9 @@ def export(
     if progress:
         print("factorport: onnx: checking the graph against the torch model")
     model_path = out_dir / graph.MODEL_FILE
-    counts = Counter(node.op_type for node in graph.load_structure(model_path).graph.node)
+    structure = graph.load_structure(model_path)
+    genai.write_genai_config(out_dir, structure)
+    counts = Counter(node.op_type for node in structure.graph.node)
     parity = graph.check_parity(model, out_dir)
     return {
         "format": "onnx",

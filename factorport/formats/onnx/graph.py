@@ -8,7 +8,8 @@ and the tokenizer's JSON files parse; only operators factorport writes
 model.onnx whose byte ranges lie inside that file without overlapping; onnx's
 checker, given the model's path so that external data resolves against the
 directory, not the current one; then Optimum's inputs/outputs and every
-contrib node against config.json and the tensors it reads (`nodes`).
+contrib node against config.json and the tensors it reads (`nodes`); last,
+genai_config.json where there is one (`genai`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx
 import torch
 
 from ...errors import FactorportError
-from . import nodes
+from . import genai, nodes
 from .tensors import ExternalTensor, check_stored_tensors, check_tensor, stored_tensors
 
 MODEL_FILE = "model.onnx"
@@ -29,7 +30,7 @@ FIX = "re-export it with 'factorport export OUTPUT --format onnx'"
 MAX_PROTOBUF = (1 << 31) - 1  # protobuf cannot parse a larger message; bigger models keep weights external
 # JSON files an export writes beside the model (config, tokenizer); each must parse as an object.
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json")
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", genai.GENAI_CONFIG)
 # A location naming one of these is not an external-data file, whatever its size.
 NOT_DATA_SUFFIXES = (".onnx", ".json", ".txt", ".model")
 
@@ -154,7 +155,21 @@ def validate_directory(directory: str | Path) -> onnx.ModelProto:
         nodes.check_contrib_nodes(model, shape)
     except FactorportError as exc:
         raise FactorportError(f"{path}: {exc}; {FIX}") from None
+    _check_genai(directory, model)
     return model
+
+
+def _check_genai(directory: Path, model: onnx.ModelProto) -> None:
+    """genai_config.json, where there is one, against the graph and config.json."""
+    path = directory / genai.GENAI_CONFIG
+    if not path.exists():
+        return
+    generation = directory / "generation_config.json"
+    try:
+        genai.check_genai_config(read_json(path), read_json(directory / CONFIG_FILE),
+                                 read_json(generation) if generation.exists() else {}, model)
+    except FactorportError as exc:
+        raise FactorportError(f"{directory}: {exc}; {FIX}") from None
 
 
 @torch.no_grad()

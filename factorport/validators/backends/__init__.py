@@ -77,11 +77,14 @@ class BackendEntry:
     cls: str  # "module:Class", imported lazily (in the child process when isolated)
     files: tuple[str, ...] = ()  # the files it loads, named in a crash message when present
     native: bool = True  # native code that may crash the process: isolated by default
+    requires: tuple[str, ...] = ()  # files without which the artifact is not this backend's (older exports)
 
 
 BACKENDS: dict[str, BackendEntry] = {
     "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend", ("model.safetensors",), native=False),
     "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend", ("model.onnx",)),
+    "onnxruntime-genai": BackendEntry("onnx", "factorport.validators.backends.genai_backend:GenaiBackend",
+                                      ("model.onnx", "genai_config.json"), requires=("genai_config.json",)),
     "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend", ("model.gguf", "adapter.gguf")),
 }
 
@@ -107,7 +110,10 @@ def backend_class(name: str):
 
 def available_backends(output: str | Path) -> list[str]:
     """Backends whose artifact exists in a factorport output directory."""
-    return [name for name, entry in BACKENDS.items() if (Path(output) / entry.artifact).is_dir()]
+    return [
+        name for name, entry in BACKENDS.items()
+        if (Path(output) / entry.artifact).is_dir() and all((Path(output) / entry.artifact / f).is_file() for f in entry.requires)
+    ]
 
 
 def open_backend(name: str, output: str | Path, isolated: bool | None = None, timeout: float | None = None, **options) -> Backend:
