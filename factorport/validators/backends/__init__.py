@@ -78,13 +78,15 @@ class BackendEntry:
     files: tuple[str, ...] = ()  # the files it loads, named in a crash message when present
     native: bool = True  # native code that may crash the process: isolated by default
     requires: tuple[str, ...] = ()  # files without which the artifact is not this backend's (older exports)
+    by_default: bool = True  # run by validate/bench when no backend is named
 
 
 BACKENDS: dict[str, BackendEntry] = {
     "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend", ("model.safetensors",), native=False),
     "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend", ("model.onnx",)),
     "onnxruntime-genai": BackendEntry("onnx", "factorport.validators.backends.genai_backend:GenaiBackend",
-                                      ("model.onnx", "genai_config.json"), requires=("genai_config.json",)),
+                                      ("model.onnx", "genai_config.json"), requires=("genai_config.json",),
+                                      by_default=False),  # opt-in (--backend): it runs the onnxruntime backend's graph
     "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend", ("model.gguf", "adapter.gguf")),
 }
 
@@ -109,10 +111,10 @@ def backend_class(name: str):
 
 
 def available_backends(output: str | Path) -> list[str]:
-    """Backends whose artifact exists in a factorport output directory."""
+    """Backends run by default on a factorport output: those whose artifact exists in it."""
     return [
         name for name, entry in BACKENDS.items()
-        if (Path(output) / entry.artifact).is_dir() and all((Path(output) / entry.artifact / f).is_file() for f in entry.requires)
+        if entry.by_default and (Path(output) / entry.artifact).is_dir() and all((Path(output) / entry.artifact / f).is_file() for f in entry.requires)
     ]
 
 
