@@ -77,7 +77,6 @@ class BackendEntry:
     cls: str  # "module:Class", imported lazily (in the child process when isolated)
     files: tuple[str, ...] = ()  # the files it loads, named in a crash message when present
     native: bool = True  # native code that may crash the process: isolated by default
-    requires: tuple[str, ...] = ()  # files without which the artifact is not this backend's (older exports)
     by_default: bool = True  # run by validate/bench when no backend is named
 
 
@@ -85,7 +84,7 @@ BACKENDS: dict[str, BackendEntry] = {
     "torch": BackendEntry("safetensors", "factorport.validators.backends.torch_backend:TorchBackend", ("model.safetensors",), native=False),
     "onnxruntime": BackendEntry("onnx", "factorport.validators.backends.onnxruntime_backend:OnnxruntimeBackend", ("model.onnx",)),
     "onnxruntime-genai": BackendEntry("onnx", "factorport.validators.backends.genai_backend:GenaiBackend",
-                                      ("model.onnx", "genai_config.json"), requires=("genai_config.json",),
+                                      ("model.onnx", "genai_config.json"),
                                       by_default=False),  # opt-in (--backend): it runs the onnxruntime backend's graph
     "llama.cpp": BackendEntry("gguf", "factorport.validators.backends.llamacpp_backend:LlamaCppBackend", ("model.gguf", "adapter.gguf")),
 }
@@ -112,10 +111,7 @@ def backend_class(name: str):
 
 def available_backends(output: str | Path) -> list[str]:
     """Backends run by default on a factorport output: those whose artifact exists in it."""
-    return [
-        name for name, entry in BACKENDS.items()
-        if entry.by_default and (Path(output) / entry.artifact).is_dir() and all((Path(output) / entry.artifact / f).is_file() for f in entry.requires)
-    ]
+    return [name for name, entry in BACKENDS.items() if entry.by_default and (Path(output) / entry.artifact).is_dir()]
 
 
 def open_backend(name: str, output: str | Path, isolated: bool | None = None, timeout: float | None = None, **options) -> Backend:
