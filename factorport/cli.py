@@ -23,6 +23,8 @@ def _export_options(args) -> dict[str, dict]:
         options["onnx"]["densify_sparse"] = True
     if args.onnx_attention:
         options["onnx"]["attention"] = args.onnx_attention
+    if args.onnx_accuracy_level is not None:
+        options["onnx"]["accuracy_level"] = args.onnx_accuracy_level
     if args.gguf_type:
         from .formats.gguf.codecs import check_type
 
@@ -225,6 +227,13 @@ def _add_format_flags(p: argparse.ArgumentParser, default: str | None) -> None:
         "--onnx-attention",
         choices=("fused", "traced"),
         help="ONNX: fused = one GroupQueryAttention per layer (default where the model allows), traced = Optimum's trace",
+    )
+    p.add_argument(
+        "--onnx-accuracy-level",
+        type=int,
+        choices=(0, 1, 2, 3, 4),
+        help="ONNX: MatMulNBits accuracy_level written in the graph (0, default: float32 compute, exact; "
+        "4: int8 activations, faster, as onnxruntime-genai's builder writes); onnxruntime-genai runs what is written",
     )
     p.add_argument("--gguf-type", help="GGUF: ggml type for tensors without a lossless mapping (e.g. Q8_0, Q4_K_M)")
 

@@ -80,3 +80,24 @@ def test_missing_or_broken_config_is_one_line(tiny_export):
     (out / GENAI_CONFIG).unlink()
     with pytest.raises(FactorportError, match="re-export"):
         GenaiBackend.open(out)
+
+
+def test_og_runs_the_written_accuracy_level_and_validation_follows_it(make_model, stats_for, input_ids, tmp_path):
+    from factorport.validators.backends import written_options
+    from factorport.validators.thresholds import numeric_path
+
+    model = compressed(make_model, stats_for, "w4-gptq-tied4")
+    out, _, _ = exported(model, tmp_path, accuracy_level=4)
+    ids = input_ids[0]
+    got = GenaiBackend.open(out, threads=1).logits(ids)
+    fast = OnnxruntimeBackend.open(out, threads=1, accuracy_level=4).logits(ids)
+    exact = OnnxruntimeBackend.open(out, threads=1).logits(ids)
+    assert (got - fast).abs().max() <= 1e-4 * fast.abs().max()  # og ran int8 activations, as written
+    assert not torch.equal(fast, exact)
+    with pytest.raises(FactorportError, match="runs the graph's MatMulNBits accuracy_level 4, not 0"):
+        GenaiBackend.open(out, accuracy_level=0)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "onnx").rename(tmp_path / "output" / "onnx")
+    options = written_options("onnxruntime-genai", tmp_path / "output")
+    assert options == {"accuracy_level": 4} and numeric_path("onnxruntime-genai", options) == "onnxruntime-int8"
+    assert written_options("onnxruntime", tmp_path / "output") == {}

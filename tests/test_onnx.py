@@ -174,8 +174,9 @@ def test_asymmetric_bases_and_int8_fallback(make_model, stats_for, input_ids, tm
     apply(model, recipe.steps, None, progress=False)
     out, _, graph = exported(model, tmp_path)
     zero_pointed = [n for n in nodes(graph, "MatMulNBits") if len(n.input) == 4]
-    assert len(zero_pointed) == 3 * model.config.num_hidden_layers  # asymmetric int4 MLP
-    assert len(nodes(graph, "MatMulNBits")) == 3 * model.config.num_hidden_layers  # int8 asym: dense fallback
+    # asymmetric int4 MLP: gate/up (one input, one grid) stacked in one node, down its own
+    assert len(zero_pointed) == 2 * model.config.num_hidden_layers
+    assert len(nodes(graph, "MatMulNBits")) == 2 * model.config.num_hidden_layers  # int8 asym: dense fallback
     assert_parity(model, out, input_ids[0])
 
 
@@ -308,3 +309,57 @@ def test_external_data_outside_the_directory_is_refused(small_export, tmp_path):
     with pytest.raises(FactorportError, match="outside the directory"):
         OnnxruntimeBackend.open(small_export)
     assert secret.read_bytes() == b"\0" * 1024
+
+
+def int4_tied(make_model, stats_for, arch: str = "llama"):
+    """w4-gptq-tied4: plain int4 decoder linears and an int4 tied table."""
+    return compressed(make_model, stats_for, "w4-gptq-tied4", arch)
+
+
+def test_the_tied_int4_table_is_stored_once(make_model, stats_for, input_ids, tmp_path):
+    model = int4_tied(make_model, stats_for)
+    out, report, graph = exported(model, tmp_path)
+    assert report["embedding"] == "GatherBlockQuantized int4 (the lm_head's table)"
+    (gather,) = nodes(graph, "GatherBlockQuantized")
+    (lm_head,) = [n for n in nodes(graph, "MatMulNBits") if "lm_head" in n.name]
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    # the gather's table and scales are Reshapes of the lm_head's own initializers
+    assert [producers[gather.input[i]].op_type for i in (0, 2)] == ["Reshape", "Reshape"]
+    assert [producers[gather.input[i]].input[0] for i in (0, 2)] == [lm_head.input[1], lm_head.input[2]]
+    codes = next(i for i in graph.graph.initializer if i.name == lm_head.input[1])
+    assert [i.name for i in graph.graph.initializer if i.raw_data == codes.raw_data] == [codes.name]  # stored once
+    assert_parity(model, out, input_ids[0])
+    # and the torch lookup reads the same codes the graph gathers
+    ids = input_ids[0][:5]
+    table = nbits.from_base(model.lm_head.base).dequantize()
+    assert torch.equal(model.get_input_embeddings()(ids), table[ids])
+
+
+def test_plain_int4_siblings_are_one_matmulnbits(make_model, stats_for, input_ids, tmp_path):
+    model = compressed(make_model, stats_for, "w4-rtn", "qwen2")  # q/k/v biases ride along
+    out, report, graph = exported(model, tmp_path)
+    layers = model.config.num_hidden_layers
+    widths = Counter({a.name: a.i for a in n.attribute}["N"] for n in nodes(graph, "MatMulNBits"))
+    qkv = model.config.hidden_size + 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    assert widths[qkv] == layers and widths[2 * model.config.intermediate_size] == layers
+    assert sum(widths.values()) == 4 * layers and report["stacked_groups"] == 2 * layers
+    assert_parity(model, out, input_ids[0])
+
+
+def test_accuracy_level_is_written_and_each_session_sets_its_own(make_model, stats_for, input_ids, tmp_path):
+    from factorport.formats.onnx.graph import load_structure
+    from factorport.formats.onnx.runtime import written_accuracy_level
+
+    model = int4_tied(make_model, stats_for)
+    out, report, graph = exported(model, tmp_path, accuracy_level=4)
+    levels = {a.i for n in nodes(graph, "MatMulNBits") for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and report["accuracy_level"] == 4
+    assert written_accuracy_level(load_structure(out / "model.onnx")) == 4
+    ids = input_ids[0]
+    exact = DecoderSession.open(out).logits(ids)  # level 0 asked: the file's 4 is rewritten in memory
+    fast = DecoderSession.open(out, accuracy_level=4).logits(ids)
+    expected = torch_logits(model, ids)
+    assert (exact - expected).abs().max() <= network_tolerance(model.config, len(ids)) * expected.abs().max()
+    assert not torch.equal(exact, fast)  # int8 activations really ran
+    with pytest.raises(FactorportError, match="accuracy_level 7 is not one of"):
+        export(model, None, tmp_path / "bad", progress=False, accuracy_level=7)

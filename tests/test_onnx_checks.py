@@ -251,6 +251,29 @@ def test_gatherblockquantized_block_size(copy):
     assert refusal(copy).endswith(f"its scales {scales.name!r} has shape {list(scales.dims)}, attributes say [128, 4]; {FIX}")
 
 
+def test_a_shared_table_must_reshape_to_the_table(tmp_path):
+    """The tied int4 table read through Reshape of the lm_head's codes: a
+    Reshape to another shape would make GatherBlockQuantized read past it."""
+    model = _build("llama")
+    apply(model, load_recipe(str(RECIPES / "w4-gptq-tied4.yaml")).steps, make_stats(model), progress=False)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    export(model.eval(), None, out, progress=False)
+    DecoderSession.open(out)  # as written: accepted
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    gather = node(graph, "GatherBlockQuantized")
+    shape_name = next(n for n in graph.graph.node if n.output[0] == gather.input[0]).input[1]
+
+    def wider(m):
+        target = next(t for t in m.graph.initializer if t.name == shape_name)
+        values = onnx.numpy_helper.to_array(target).copy()
+        values[1] *= 2
+        target.CopyFrom(onnx.numpy_helper.from_array(values, shape_name))
+
+    edited(out, wider)
+    assert "is not a Reshape to" in refusal(out)
+
+
 # --- operators and domains ---------------------------------------------------
 
 

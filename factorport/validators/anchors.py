@@ -1,18 +1,22 @@
 """The baselines a user would otherwise pick, made from the same original
-model and cached: Optimum's fp32 ONNX export, and llama.cpp's own
-quantization (`llama_model_quantize`) at a named type, without and with the
-importance matrix `llama-imatrix` computes on a calibration text (the
-strongest llama.cpp baseline). Each is a directory a backend opens (`onnx` ->
-onnxruntime, `model.gguf` -> llama.cpp)."""
+model and cached: Optimum's fp32 ONNX export, onnxruntime-genai's model
+builder (`-p int4 -e cpu`), and llama.cpp's own quantization
+(`llama_model_quantize`) at a named type, without and with the importance
+matrix `llama-imatrix` computes on a calibration text (the strongest
+llama.cpp baseline). Each is a directory a backend opens (`onnx` ->
+onnxruntime, the builder's -> onnxruntime-genai, `model.gguf` -> llama.cpp)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import FactorportError
 from ..loading import CACHE_REVISION, Source, cache_dir, embedded_gguf, load_model, resolve
 
 # Types `bench` picks the size-nearest anchor from.
@@ -42,7 +46,12 @@ def _build(target: Path, make, progress: bool) -> Path:
 
 
 def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
-    """Optimum's own fp32 export (text-generation-with-past) of the original model."""
+    """Optimum's own fp32 export (text-generation-with-past) of the original
+    model, with the genai_config.json factorport writes for its own exports
+    (the same inputs and outputs), so onnxruntime-genai runs it too."""
+    from ..formats.onnx.genai import GENAI_CONFIG, write_genai_config
+    from ..formats.onnx.graph import MODEL_FILE, load_structure
+
     source = resolve(model_name)
 
     def make(tmp: Path) -> None:
@@ -51,8 +60,77 @@ def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
         model, tokenizer, _ = load_model(model_name)
         onnx_export_from_model(model, tmp, task="text-generation-with-past", do_validation=False)
         tokenizer.save_pretrained(tmp)
+        write_genai_config(tmp, load_structure(tmp / MODEL_FILE))
 
-    return _build(_anchor_dir(source, "optimum-fp32"), make, progress)
+    target = _build(_anchor_dir(source, "optimum-fp32"), make, progress)
+    if not (target / GENAI_CONFIG).is_file():  # cached before anchors had one
+        write_genai_config(target, load_structure(target / MODEL_FILE))
+    return target
+
+
+# onnxruntime-genai 0.18's builder needs transformers 5 (factorport pins 4.57
+# for Optimum), so it runs from its own environment; it imports onnx_ir
+# without declaring it. torch first, so pip takes the CPU build.
+BUILDER_TORCH = "torch==2.13.0"
+BUILDER_PACKAGES = ("onnxruntime-genai==0.18.0", "onnxruntime==1.32.0", "transformers==5.25.0", "onnx==1.23.2", "onnx-ir==1.1.0")
+BUILDER_ALGORITHMS = ("default", "rtn", "k_quant")  # its `algo_config` base methods
+
+
+def builder_python(progress: bool = True) -> Path:
+    """The Python of a cached virtual environment with onnxruntime-genai's
+    model builder (created on first use: a few minutes, a ~1 GB download)."""
+    digest = hashlib.sha256(" ".join((BUILDER_TORCH, *BUILDER_PACKAGES)).encode()).hexdigest()[:12]
+    target = cache_dir() / "tools" / f"genai-builder-{digest}"
+
+    def make(tmp: Path) -> None:
+        log = tmp / "install.log"
+        with log.open("w") as out:
+            for command in ([sys.executable, "-m", "venv", str(tmp)],
+                            [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", BUILDER_TORCH],
+                            [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *BUILDER_PACKAGES]):
+                if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
+                    tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+                    raise FactorportError(f"installing onnxruntime-genai's model builder failed ({tail[0][:200]}; log {log}); "
+                                          "it needs PyPI: check the network and retry")
+
+    if not target.is_dir():
+        if progress:
+            print(f"factorport: installing onnxruntime-genai's model builder once in {target}")
+        # built aside and renamed when complete; only `python -m` is used, which a moved venv keeps
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        make(tmp)
+        os.replace(tmp, target)
+    return target / "bin" / "python"
+
+
+def genai_builder_int4(model_name: str | None, algorithm: str = "default", progress: bool = True) -> Path:
+    """onnxruntime-genai's model builder, `-p int4 -e cpu` with
+    `algo_config=algorithm`, on the original model's HF directory: the int4
+    ONNX (MatMulNBits, GroupQueryAttention, genai_config.json) an
+    onnxruntime-genai user would build instead."""
+    if algorithm not in BUILDER_ALGORITHMS:
+        raise FactorportError(f"unknown builder algorithm {algorithm!r}; choose one of {', '.join(BUILDER_ALGORITHMS)}")
+    source = resolve(model_name)
+    if source.kind not in ("embedded", "directory"):
+        raise FactorportError(f"the model builder anchor needs an HF directory, not a {source.kind} source ({source.name})")
+
+    def make(tmp: Path) -> None:
+        python = builder_python(progress)
+        log = tmp.parent / f"{tmp.name}.log"
+        command = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", source.path, "-o", str(tmp),
+                   "-p", "int4", "-e", "cpu", "-c", str(tmp / "cache")]
+        if algorithm != "default":
+            command += ["--extra_options", f"algo_config={algorithm}"]
+        with log.open("w") as out:  # its progress bars run to megabytes: kept in a file
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+        if code or not (tmp / "genai_config.json").is_file():
+            raise FactorportError(f"onnxruntime-genai's model builder failed (exit {code}); its output is in {log}")
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        log.unlink()
+
+    return _build(_anchor_dir(source, f"genai-builder-int4-{algorithm}"), make, progress)
 
 
 def llamacpp_quantized(model_name: str | None, ggml_type: str, progress: bool = True) -> Path:

@@ -48,15 +48,17 @@ def _checks(max_rel: float | None, top1: float, kl: float | None, ppl: float) ->
 DEFAULTS: dict[str, dict[str, Check]] = {
     "onnxruntime-fp32": _checks(max_rel=1e-3, top1=1.0, kl=1e-4, ppl=0.005),
     "onnxruntime-int8": _checks(max_rel=None, top1=0.93, kl=1e-2, ppl=0.01),
-    # onnxruntime-genai runs the same graph (MatMulNBits accuracy_level 0) through its own loop
+    # onnxruntime-genai runs the same graph through its own loop (at the accuracy_level written in it)
     "onnxruntime-genai": _checks(max_rel=1e-3, top1=1.0, kl=1e-4, ppl=0.005),
     "llama.cpp": _checks(max_rel=None, top1=0.94, kl=1e-2, ppl=0.01),
 }
 
 
 def numeric_path(backend: str, options: dict) -> str:
+    if backend in ("onnxruntime", "onnxruntime-genai") and options.get("accuracy_level", 0) >= 4:
+        return "onnxruntime-int8"
     if backend == "onnxruntime":
-        return "onnxruntime-int8" if options.get("accuracy_level", 0) >= 4 else "onnxruntime-fp32"
+        return "onnxruntime-fp32"
     if backend not in DEFAULTS:
         raise FactorportError(f"no validation thresholds for backend {backend!r}")
     return backend

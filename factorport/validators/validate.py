@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..errors import FactorportError
 from ..formats.manifest import MANIFEST, read_manifest, verify_manifest
-from .backends import available_backends, open_backend, resolve
+from .backends import available_backends, open_backend, resolve, written_options
 from .parity import ParityAccumulator
 from .perplexity import perplexity, text_windows
 from .thresholds import checks_for
@@ -78,7 +78,7 @@ def validate(output: str | Path, config: ValidateConfig) -> dict:
     runtimes, accumulators = {}, {}
     try:
         for label, backend, options in targets:
-            options = {**options, **config.options.get(backend, {})}
+            options = {**written_options(backend, output), **options, **config.options.get(backend, {})}
             entry = {"backend": backend, "options": options, "error": None}
             result["backends"][label] = entry
             entry["checks"] = checks_for(backend, options, thresholds)  # a bad threshold fails before any runtime starts

@@ -173,12 +173,12 @@ def _check_genai(directory: Path, model: onnx.ModelProto) -> None:
 
 
 @torch.no_grad()
-def check_parity(model, directory: Path, tokens: int = 8) -> dict:
-    """Logits of a short random sequence, ONNX vs the torch model: max |diff|
-    relative to max |logit|, and top-1 agreement."""
+def check_parity(model, directory: Path, accuracy_level: int = 0, tokens: int = 8) -> dict:
+    """Logits of a short random sequence, ONNX (at `accuracy_level`) vs the
+    torch model: max |diff| relative to max |logit|, and top-1 agreement."""
     from .runtime import DecoderSession
 
-    session = DecoderSession.open(directory)
+    session = DecoderSession.open(directory, accuracy_level=accuracy_level)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=generator)
     expected = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()

@@ -248,3 +248,49 @@ class Int8AsInt4Pair(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.high(x) + self.low(x)
+
+
+def share_tied_table(model) -> bool:
+    """Make a GatherBlockQuantized read the int4 lm_head's own initializers.
+
+    The tracer writes the tied table twice: once [N, n_blocks, blob] with
+    scales [N * n_blocks] for MatMulNBits, once [N, K/2] with scales
+    [N, n_blocks] for GatherBlockQuantized (neither operator accepts the
+    other's shapes, and the tracer folds any Reshape of a constant). Where the
+    two hold the same bytes, the gather gets a Reshape of the MatMulNBits
+    tensors instead, so the file stores the table once (as the model builder
+    does). Returns whether it did; `model` is edited in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.domain == MS_DOMAIN]
+    if len(gathers) != 1 or not {gathers[0].input[0], gathers[0].input[2]} <= initializers.keys():
+        return False
+    gather = gathers[0]
+    table, table_scales = (numpy_helper.to_array(initializers[gather.input[i]]) for i in (0, 2))
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) != 3 or not {node.input[1], node.input[2]} <= initializers.keys():
+            continue
+        blob, scales = initializers[node.input[1]], initializers[node.input[2]]
+        if blob.dims[0] != table.shape[0] or np.prod(blob.dims) != table.size or np.prod(scales.dims) != table_scales.size:
+            continue
+        if not (np.array_equal(numpy_helper.to_array(blob).reshape(table.shape), table)
+                and np.array_equal(numpy_helper.to_array(scales).reshape(table_scales.shape), table_scales)):
+            continue
+        reshapes = []
+        for source, shape, index in ((blob.name, table.shape, 0), (scales.name, table_scales.shape, 2)):
+            target = f"{gather.name}/shared_{index}"
+            graph.initializer.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{target}/shape"))
+            reshapes.append(onnx.helper.make_node("Reshape", [source, f"{target}/shape"], [target], name=f"{target}/Reshape"))
+            unused = gather.input[index]
+            gather.input[index] = target
+            if not any(unused in n.input for n in graph.node):
+                graph.initializer.remove(initializers[unused])
+        position = list(graph.node).index(gather)  # keep the node list in topological order
+        for offset, reshape in enumerate(reshapes):
+            graph.node.insert(position + offset, reshape)
+        return True
+    return False

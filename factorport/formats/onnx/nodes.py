@@ -269,14 +269,28 @@ def check_gatherblockquantized(graph: Graph, node: onnx.NodeProto) -> None:
         _refuse(node, "factorport writes gather_axis 0 and quantize_axis 1")
     if len(node.input) != 3 or len(node.output) != 1:
         _refuse(node, f"it has {len(node.input)} inputs; factorport writes table, ids and scales")
-    table = _initializer(graph, node, 0, "table", (onnx.TensorProto.UINT8,))
     rows, columns = graph.shape.vocab, graph.shape.hidden
     bits, size = values["bits"], values["block_size"]
     if columns % size:
         _refuse(node, f"block_size {size} does not divide the hidden size {columns} of config.json")
-    _dims(node, table, "table", [rows, columns * bits // 8])
-    scales = _initializer(graph, node, 2, "scales", (onnx.TensorProto.FLOAT,))
-    _dims(node, scales, "scales", [rows, columns // size])
+    _table_input(graph, node, 0, "table", onnx.TensorProto.UINT8, [rows, columns * bits // 8])
+    _table_input(graph, node, 2, "scales", onnx.TensorProto.FLOAT, [rows, columns // size])
+
+
+def _table_input(graph: Graph, node: onnx.NodeProto, index: int, role: str, dtype: int, expected: list[int]) -> None:
+    """A GatherBlockQuantized input: an initializer of shape `expected`, or a
+    Reshape to exactly `expected` of one with as many elements (the table
+    shared with the lm_head's MatMulNBits, see nbits.share_tied_table)."""
+    name = node.input[index] if index < len(node.input) else ""
+    reshape = graph.producer.get(name)
+    if reshape is None or reshape.op_type != "Reshape":
+        _dims(node, _initializer(graph, node, index, role, (dtype,)), role, expected)
+        return
+    if len(reshape.input) != 2 or graph.small_values(reshape.input[1]) != expected:
+        _refuse(node, f"its {role} {name!r} is not a Reshape to {expected}")
+    source = _initializer(graph, reshape, 0, "input", (dtype,))
+    if math.prod(source.dims) != math.prod(expected):
+        _refuse(node, f"its {role} reshapes {source.name!r} of shape {list(source.dims)} to {expected}")
 
 
 def check_rotary(graph: Graph, node: onnx.NodeProto) -> None:

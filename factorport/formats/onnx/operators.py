@@ -16,6 +16,8 @@ is:
                            member (`GroupMember`) returns its slice. Decode
                            at batch 1 pays per node, so 3 (q/k/v) or 2
                            (gate/up) of each become one.
+    plain int4 group    -> q/k/v (gate/up) without low-rank term, one grid:
+                           one MatMulNBits over the rows stacked, then Split.
 
 Swapping is undone afterwards (`swapped` is a context manager), so the model
 handed to the exporter is left as it was.
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ...architectures import arch_for, linear_names
+from ...architectures import arch_for, input_groups, linear_names
 from ...ops import BlockSparseBase, CompressedLinear, DenseBase, QuantizedBase, TiedEmbedding
 from . import nbits, sparse
 
@@ -146,9 +148,26 @@ def _stacked_base(bases: list, densify_sparse: bool) -> nn.Module | None:
     return nbits.NBitsMatMul(nbits.stacked(weights))
 
 
+def stacked_plain(model, arch, plain: dict[str, CompressedLinear]) -> list[tuple[str, ...]]:
+    """Input groups (q/k/v, gate/up) whose members are all plain (no low-rank
+    term) int4 bases of one grid: each is exported as one MatMulNBits over the
+    rows stacked, exactly the members' products side by side. At batch 1 a
+    decode step pays per node, so 3 or 2 nodes become one, as the model
+    builder's packed q/k/v and gate/up."""
+    found = []
+    for group in input_groups(model, arch):
+        bases = [plain[name].base if name in plain else None for name in group]
+        if len(group) < 2 or not all(isinstance(b, QuantizedBase) and b.qspec == bases[0].qspec for b in bases):
+            continue
+        if nbits.supported(bases[0].qspec) and bases[0].qspec.bits == 4:
+            found.append(group)
+    return found
+
+
 class ExportGroup(nn.Module):
     """Linears that share V (and so read one input) computed as one:
-    `base_stacked(x) + (x V^T) [U_1^T | U_2^T ...] + bias`, split per member.
+    `base_stacked(x) + (x V^T) [U_1^T | U_2^T ...] + bias`, split per member;
+    or plain int4 linears of one input group, `base_stacked(x) + bias`.
 
     Bases that do not stack (mixed kinds) stay per member and are added to
     their slice of the low-rank term. The result is remembered for the last
@@ -157,8 +176,9 @@ class ExportGroup(nn.Module):
     def __init__(self, linears: list[CompressedLinear], densify_sparse: bool) -> None:
         super().__init__()
         self.sizes = [linear.out_features for linear in linears]
-        self.register_buffer("v_t", linears[0].V.V.float().T.contiguous())
-        self.register_buffer("u_t", torch.cat([linear.U.float() for linear in linears]).T.contiguous())
+        low_rank = linears[0].U is not None  # else: plain bases that stack (`stacked_plain`)
+        self.register_buffer("v_t", linears[0].V.V.float().T.contiguous() if low_rank else None)
+        self.register_buffer("u_t", torch.cat([linear.U.float() for linear in linears]).T.contiguous() if low_rank else None)
         bases = [linear.base for linear in linears]
         self.base = None
         self.member_bases = nn.ModuleList()
@@ -174,9 +194,9 @@ class ExportGroup(nn.Module):
         self._last: tuple[weakref.ref, tuple[torch.Tensor, ...]] | None = None
 
     def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = ((x.float() @ self.v_t) @ self.u_t).to(x.dtype)
+        y = None if self.v_t is None else ((x.float() @ self.v_t) @ self.u_t).to(x.dtype)
         if self.base is not None:
-            y = self.base(x) + y
+            y = self.base(x) if y is None else self.base(x) + y
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         parts = torch.split(y, self.sizes, dim=-1)
@@ -211,14 +231,23 @@ def export_modules(model, densify_sparse: bool) -> tuple[dict[str, nn.Module], d
     arch = arch_for(model.config)
     groups: dict[int, list[tuple[str, CompressedLinear]]] = {}
     replacements: dict[str, nn.Module] = {}
+    plain: dict[str, CompressedLinear] = {}
     for name in linear_names(model, arch):
         module = model.get_submodule(name)
         if not isinstance(module, CompressedLinear):
             continue
         if module.U is None:
-            replacements[name] = ExportLinear(module, None, densify_sparse)
+            plain[name] = module
         else:
             groups.setdefault(id(module.V), []).append((name, module))
+    stacked = 0
+    for members in stacked_plain(model, arch, plain):
+        group = ExportGroup([plain[name] for name in members], densify_sparse)
+        stacked += 1
+        for index, name in enumerate(members):
+            replacements[name] = GroupMember(group, index, plain.pop(name))
+    for name, module in plain.items():
+        replacements[name] = ExportLinear(module, None, densify_sparse)
     fused = 0
     for members in groups.values():
         if len(members) == 1:
@@ -229,7 +258,7 @@ def export_modules(model, densify_sparse: bool) -> tuple[dict[str, nn.Module], d
         fused += 1
         for index, (name, module) in enumerate(members):
             replacements[name] = GroupMember(group, index, module)
-    info = {"shared_projections": len(groups), "fused_groups": fused, "embedding": None}
+    info = {"shared_projections": len(groups), "fused_groups": fused, "stacked_groups": stacked, "embedding": None}
     embedding = model.get_input_embeddings()
     if isinstance(embedding, TiedEmbedding):
         module, how = embedding_module(embedding._linear)

@@ -45,6 +45,13 @@ def _session_options(threads: int | None, optimization: str):
     return options
 
 
+def written_accuracy_level(model: onnx.ModelProto) -> int:
+    """The highest `accuracy_level` the file's MatMulNBits nodes carry (what
+    a runtime that cannot rewrite the graph, onnxruntime-genai, runs)."""
+    levels = [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    return max(levels, default=0)
+
+
 def with_accuracy_level(model: onnx.ModelProto, level: int) -> int:
     """Set `accuracy_level` on every MatMulNBits node; returns how many."""
     count = 0
@@ -112,8 +119,7 @@ class DecoderSession:
         options = _session_options(threads, optimization)
         # external locations are relative to the model's directory; bytes carry no directory
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(directory.resolve()))
-        if accuracy_level:
-            with_accuracy_level(structure, accuracy_level)
+        with_accuracy_level(structure, accuracy_level)  # whatever the file says: the level asked for
         try:
             session = ort.InferenceSession(structure.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own runtime errors

@@ -102,6 +102,19 @@ def resolve(name: str) -> tuple[str, dict]:
     return backend, dict(options)
 
 
+def written_options(name: str, output: str | Path) -> dict:
+    """Options an artifact fixes for a backend that cannot change them:
+    onnxruntime-genai runs the accuracy_level written in the graph (the
+    onnxruntime backend rewrites it in memory, so chooses its own)."""
+    model = Path(output) / BACKENDS[name].artifact / "model.onnx" if name in BACKENDS else None
+    if name != "onnxruntime-genai" or not model.is_file():
+        return {}
+    from ...formats.onnx.graph import load_structure
+    from ...formats.onnx.runtime import written_accuracy_level
+
+    return {"accuracy_level": written_accuracy_level(load_structure(model))}
+
+
 def backend_class(name: str):
     if name not in BACKENDS:
         raise FactorportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

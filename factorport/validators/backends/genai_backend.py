@@ -8,7 +8,9 @@ one. `checked=False` skips that for a directory factorport did not write
 (onnxruntime-genai's model builder output, a benchmark anchor); it then relies
 on onnxruntime-genai's own checks, in the child process it runs in.
 
-Options: `threads` (intra-op threads of the decoder session). Timing:
+Options: `threads` (intra-op threads of the decoder session);
+`accuracy_level`, only as a check: og runs the level written in the graph.
+Timing:
 `append_tokens(prompt)` runs the prefill; each later `generate_next_token`
 runs one decode step and picks its token (greedy: `do_sample` false).
 """
@@ -49,14 +51,21 @@ class GenaiBackend:
         self._start = self._text_start() if tokenizer is not None else []
 
     @classmethod
-    def open(cls, artifact_dir: str | Path, threads: int | None = None, checked: bool = True) -> "GenaiBackend":
+    def open(cls, artifact_dir: str | Path, threads: int | None = None, checked: bool = True,
+             accuracy_level: int | None = None) -> "GenaiBackend":
         directory = Path(artifact_dir)
         if not (directory / GENAI_CONFIG).is_file():
             raise FactorportError(f"{directory} has no {GENAI_CONFIG}; re-export it with 'factorport export OUTPUT --format onnx --force'")
         if checked:
             from ...formats.onnx.graph import validate_directory
+            from ...formats.onnx.runtime import written_accuracy_level
 
-            validate_directory(directory)
+            written = written_accuracy_level(validate_directory(directory))
+            if accuracy_level is not None and accuracy_level != written:
+                raise FactorportError(
+                    f"{directory}: onnxruntime-genai runs the graph's MatMulNBits accuracy_level {written}, not {accuracy_level}; "
+                    f"re-export with 'factorport export OUTPUT --format onnx --onnx-accuracy-level {accuracy_level} --force'"
+                )
         og = _og()
         started = time.perf_counter()
         try:
@@ -68,8 +77,10 @@ class GenaiBackend:
         except Exception as exc:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError with its own text
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise FactorportError(f"onnxruntime-genai cannot load {directory} ({first}); re-export it") from exc
-        context = json.loads((directory / GENAI_CONFIG).read_text())["model"]["context_length"]
-        return cls(og, model, tokenizer, directory, int(context), time.perf_counter() - started)
+        context = json.loads((directory / GENAI_CONFIG).read_text()).get("model", {}).get("context_length")
+        if type(context) is not int or context <= 0:  # only where checked=False: validate_directory checks it
+            raise FactorportError(f"{directory / GENAI_CONFIG}: model.context_length is {context!r}, not a positive integer")
+        return cls(og, model, tokenizer, directory, context, time.perf_counter() - started)
 
     def _text_start(self) -> list[int]:
         """The BOS og's encode puts before a text, where its tokenizer adds one
