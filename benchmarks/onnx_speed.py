@@ -41,8 +41,6 @@ from pathlib import Path
 import torch
 
 from factorport.api import DEFAULT_TEXT
-from factorport.formats.onnx.genai import GENAI_CONFIG, write_genai_config
-from factorport.formats.onnx.graph import load_structure
 from factorport.loading import saved_tokenizer
 from factorport.validators import anchors
 from factorport.validators.backends.onnxruntime_backend import OnnxruntimeBackend
@@ -72,13 +70,6 @@ def rtn_int4(fp32_dir: Path, target: Path, block_size: int = 32) -> Path:
             shutil.copy(item, tmp / item.name)
     tmp.rename(target)
     return target
-
-
-def with_genai_config(directory: Path) -> Path:
-    """An Optimum-form directory cached before it had a genai_config.json gets one."""
-    if not (directory / GENAI_CONFIG).is_file():
-        write_genai_config(directory, load_structure(directory / "model.onnx"))
-    return directory
 
 
 class OriginalTokens:
@@ -163,7 +154,7 @@ def main() -> None:
     if not args.no_baselines:
         fp32 = anchors.optimum_fp32(None)
         rtn = rtn_int4(fp32, (args.work or fp32.parent) / "ort-rtn-int4-b32")
-        targets += [("optimum-fp32", fp32, False), ("ort-rtn-int4-b32", with_genai_config(rtn), False)]
+        targets += [("optimum-fp32", fp32, False), ("ort-rtn-int4-b32", anchors.with_genai_config(rtn), False)]
         if genai:
             targets += [(f"builder-int4-{a}", anchors.genai_builder_int4(None, a), False)
                         for a in args.builder_algorithms.split(",") if a]

@@ -49,9 +49,6 @@ def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
     """Optimum's own fp32 export (text-generation-with-past) of the original
     model, with the genai_config.json factorport writes for its own exports
     (the same inputs and outputs), so onnxruntime-genai runs it too."""
-    from ..formats.onnx.genai import GENAI_CONFIG, write_genai_config
-    from ..formats.onnx.graph import MODEL_FILE, load_structure
-
     source = resolve(model_name)
 
     def make(tmp: Path) -> None:
@@ -60,12 +57,19 @@ def optimum_fp32(model_name: str | None, progress: bool = True) -> Path:
         model, tokenizer, _ = load_model(model_name)
         onnx_export_from_model(model, tmp, task="text-generation-with-past", do_validation=False)
         tokenizer.save_pretrained(tmp)
-        write_genai_config(tmp, load_structure(tmp / MODEL_FILE))
 
-    target = _build(_anchor_dir(source, "optimum-fp32"), make, progress)
-    if not (target / GENAI_CONFIG).is_file():  # cached before anchors had one
-        write_genai_config(target, load_structure(target / MODEL_FILE))
-    return target
+    return with_genai_config(_build(_anchor_dir(source, "optimum-fp32"), make, progress))
+
+
+def with_genai_config(directory: Path) -> Path:
+    """An Optimum-form ONNX directory (cached before it had one) gets the
+    genai_config.json factorport writes for its own exports."""
+    from ..formats.onnx.genai import GENAI_CONFIG, write_genai_config
+    from ..formats.onnx.graph import MODEL_FILE, load_structure
+
+    if not (directory / GENAI_CONFIG).is_file():
+        write_genai_config(directory, load_structure(directory / MODEL_FILE))
+    return directory
 
 
 # onnxruntime-genai 0.18's builder needs transformers 5 (factorport pins 4.57

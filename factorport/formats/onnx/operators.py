@@ -139,13 +139,19 @@ def _stacked_base(bases: list, densify_sparse: bool) -> nn.Module | None:
     form that stacks exactly (dense, or MatMulNBits of one grid); else None."""
     if all(isinstance(b, DenseBase) for b in bases):
         return DenseMatMul(torch.cat([b.weight.float() for b in bases]))
-    if not all(isinstance(b, QuantizedBase) and b.qspec == bases[0].qspec for b in bases):
-        return None
-    spec = bases[0].qspec
-    if not nbits.supported(spec) or (spec.bits == 8 and spec.symmetric):
+    if not _one_nbits_grid(bases):
         return None
     weights = [nbits.from_base(b) for b in bases]
     return nbits.NBitsMatMul(nbits.stacked(weights))
+
+
+def _one_nbits_grid(bases: list) -> bool:
+    """Quantized bases of one grid that one MatMulNBits runs (int4; symmetric
+    int8 runs as two int4 halves, asymmetric int8 densely: neither stacks)."""
+    if not all(isinstance(b, QuantizedBase) and b.qspec == bases[0].qspec for b in bases):
+        return False
+    spec = bases[0].qspec
+    return nbits.supported(spec) and not (spec.bits == 8 and spec.symmetric)
 
 
 def stacked_plain(model, arch, plain: dict[str, CompressedLinear]) -> list[tuple[str, ...]]:
@@ -154,14 +160,8 @@ def stacked_plain(model, arch, plain: dict[str, CompressedLinear]) -> list[tuple
     rows stacked, exactly the members' products side by side. At batch 1 a
     decode step pays per node, so 3 or 2 nodes become one, as the model
     builder's packed q/k/v and gate/up."""
-    found = []
-    for group in input_groups(model, arch):
-        bases = [plain[name].base if name in plain else None for name in group]
-        if len(group) < 2 or not all(isinstance(b, QuantizedBase) and b.qspec == bases[0].qspec for b in bases):
-            continue
-        if nbits.supported(bases[0].qspec) and bases[0].qspec.bits == 4:
-            found.append(group)
-    return found
+    return [group for group in input_groups(model, arch)
+            if len(group) > 1 and _one_nbits_grid([plain[name].base if name in plain else None for name in group])]
 
 
 class ExportGroup(nn.Module):

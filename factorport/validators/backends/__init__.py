@@ -106,7 +106,7 @@ def written_options(name: str, output: str | Path) -> dict:
     """Options an artifact fixes for a backend that cannot change them:
     onnxruntime-genai runs the accuracy_level written in the graph (the
     onnxruntime backend rewrites it in memory, so chooses its own)."""
-    model = Path(output) / BACKENDS[name].artifact / "model.onnx" if name in BACKENDS else None
+    model = Path(output) / "onnx" / "model.onnx"
     if name != "onnxruntime-genai" or not model.is_file():
         return {}
     from ...formats.onnx.graph import load_structure
